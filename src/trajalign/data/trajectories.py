@@ -1,0 +1,101 @@
+"""Trajectories: the token ids of an assistant answer for each behavior, from a model, a column or a target."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from trajalign.data.datasets import Behavior
+from trajalign.errors import InputError
+
+
+class Trajectory(BaseModel):
+    behavior_id: str
+    source: str
+    token_ids: list[int]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(spec: str) -> str:
+    """Identifies a model's weights cheaply: the spec, plus size and mtime of local weight files."""
+    path = Path(spec)
+    parts = [spec]
+    if path.exists():
+        files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + sorted(path.glob("*.gguf"))
+        parts += [f"{file.name}:{file.stat().st_size}:{file.stat().st_mtime_ns}" for file in files]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _from_text(behaviors: list[Behavior], field: str, target, source: str) -> dict[str, Trajectory]:
+    trajectories = {}
+    for behavior in behaviors:
+        text = getattr(behavior, field, None)
+        if not text:
+            raise InputError(f"dataset '{behavior.dataset}' behavior '{behavior.id}' field '{field}': empty, "
+                             f"so it gives no trajectory")
+        trajectories[behavior.id] = Trajectory(behavior_id=behavior.id, source=source,
+                                               token_ids=target.chat.encode_span(text))
+    return trajectories
+
+
+def generate_answers(handle, behaviors: list[Behavior], max_new_tokens: int, batch_size: int = 16,
+                     cache_dir: Path | None = None, progress=None) -> dict[str, list[int]]:
+    """Greedy answers of `handle`'s model, cached by content hash of model, prompts and length."""
+    from trajalign.backends.base import GenerationRequest
+    from trajalign.backends.hf import HFBackend
+
+    prompts = {behavior.id: handle.chat.prompt_ids(behavior.prompt) for behavior in behaviors}
+    key = hashlib.sha256(json.dumps([model_fingerprint(handle.spec), tokenizer_fingerprint(handle.tokenizer),
+                                     max_new_tokens, sorted(prompts.items())]).encode()).hexdigest()[:20]
+    cache_file = cache_dir / f"answers-{key}.json" if cache_dir else None
+    if cache_file and cache_file.exists():
+        return json.loads(cache_file.read_text())
+    requests = [GenerationRequest(key=behavior_id, trunk=ids, branch=len(ids), max_new_tokens=max_new_tokens)
+                for behavior_id, ids in prompts.items()]
+    answers = {}
+    for batch in HFBackend(handle, batch_size=batch_size).generate(requests):
+        for result in batch:
+            answers[result.key] = result.continuation_ids
+        if progress:
+            progress(len(batch))
+    if cache_file:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps(answers))
+    return answers
+
+
+def load_trajectories(source: str, behaviors: list[Behavior], target, max_tokens: int = 48,
+                      batch_size: int = 16, cache_dir: Path | None = None, loaded: dict | None = None,
+                      progress=None) -> dict[str, Trajectory]:
+    """Resolve `model:SPEC`, `column:NAME` or `target` into trajectories in the target model's tokens.
+
+    A source model must share the target's tokenizer: its ids are then used as they are, never re-tokenized.
+    """
+    if source == "target":
+        return _from_text(behaviors, "target", target, source)
+    if source.startswith("column:"):
+        column = source.split(":", 1)[1]
+        return _from_text(behaviors, "reference" if column not in ("target", "reference") else column, target,
+                          source)
+    if source.startswith("model:"):
+        spec = source.split(":", 1)[1]
+        if spec == target.spec:
+            handle = target
+        else:
+            from trajalign.models.loading import load_model
+
+            handle = (loaded or {}).get(spec) or load_model(spec, device=str(target.device))
+            if tokenizer_fingerprint(handle.tokenizer) != tokenizer_fingerprint(target.tokenizer):
+                raise InputError(f"trajectories '{source}': that model's tokenizer differs from the target "
+                                 f"model's, so its token ids cannot be injected token-exactly")
+        answers = generate_answers(handle, behaviors, max_tokens, batch_size, cache_dir, progress)
+        return {behavior.id: Trajectory(behavior_id=behavior.id, source=source, token_ids=answers[behavior.id])
+                for behavior in behaviors}
+    raise InputError(f"trajectories '{source}': use model:SPEC, column:NAME or target")

@@ -1,0 +1,39 @@
+"""Typed records of what was fed to a model and what came back."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class Verdict(BaseModel):
+    """One judge's reading of an episode."""
+
+    refused_continuation: bool = Field(description="a refusal begins in the continuation within the window")
+    refused_answer: bool = Field(description="a refusal begins in injected prefix + continuation within the window")
+    score: float | None = None
+
+
+class Episode(BaseModel):
+    """Behavior x trajectory x attack x one position: exact ids in and out, verdicts and timing."""
+
+    episode_id: str
+    model: str
+    behavior_id: str
+    dataset: str
+    prompt: str
+    attack: dict
+    attack_kind: str
+    position: str
+    depth: int | None = Field(default=None, description="assistant tokens before the continuation")
+    sample: int = 0
+    defense: str | None = None
+    context_ids: list[int]
+    answer_start: int = Field(description="index in context_ids where the assistant turn begins")
+    injected_spans: list[tuple[int, int]] = Field(
+        default_factory=list, description="[start, end) in context_ids of tokens the model did not write")
+    continuation_ids: list[int]
+    continuation_text: str
+    finish_reason: str
+    verdicts: dict[str, Verdict] = Field(default_factory=dict)
+    recovered: bool = Field(description="primary judge: a refusal begins in the continuation")
+    generation_s: float = 0.0

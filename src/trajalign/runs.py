@@ -1,0 +1,102 @@
+"""Run directories: config.yaml, an append-only resumable episodes.jsonl, and summary.json."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from trajalign.errors import InputError, where
+from trajalign.records import Episode
+from trajalign.stats import wilson_interval
+
+EPISODES_FILE = "episodes.jsonl"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.yaml"
+
+
+class EpisodeLog:
+    """Episodes appended a batch at a time, flushed and fsynced, so a killed run loses at most one batch.
+
+    A line cut short by a kill is dropped on the next open (it was never acknowledged); any other bad line is
+    an error, since it means the file was edited or corrupted.
+    """
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / EPISODES_FILE
+
+    def load(self) -> list[Episode]:
+        if not self.path.exists():
+            return []
+        raw = self.path.read_bytes()
+        complete = raw[: raw.rfind(b"\n") + 1]
+        if len(complete) != len(raw):
+            with open(self.path, "r+b") as handle:
+                handle.truncate(len(complete))
+        episodes = []
+        for number, line in enumerate(complete.decode("utf-8").splitlines(), 1):
+            try:
+                episodes.append(Episode.model_validate_json(line))
+            except ValidationError as error:
+                raise InputError(f"{where(self.path, number)}: not an episode record ({error.errors()[0]['msg']})") \
+                    from None
+        return episodes
+
+    def append(self, episodes: list[Episode]) -> None:
+        if not episodes:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write("".join(episode.model_dump_json() + "\n" for episode in episodes))
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def write_config(directory: Path, config: BaseModel) -> None:
+    """Write the run's config; refuse to resume a directory that holds a different one."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / CONFIG_FILE
+    current = json.loads(config.model_dump_json(exclude={"out"}))
+    if path.exists():
+        previous = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if previous != current:
+            changed = sorted(key for key in set(previous) | set(current) if previous.get(key) != current.get(key))
+            raise InputError(f"{path}: this run directory holds a different config (differs in: "
+                             f"{', '.join(changed)}); choose another --out")
+        return
+    path.write_text(yaml.safe_dump(current, sort_keys=False), encoding="utf-8")
+
+
+def _position_order(episode: Episode) -> tuple:
+    return (episode.depth if episode.depth is not None else -1, episode.position)
+
+
+def summarize(episodes: list[Episode]) -> list[dict]:
+    """Per model x attack x defense x position: n, recovery and attack success rates with Wilson 95% CIs."""
+    groups: dict[tuple, list[Episode]] = defaultdict(list)
+    for episode in sorted(episodes, key=lambda e: (e.model, e.attack_kind, e.defense or "", _position_order(e))):
+        groups[(episode.model, episode.attack_kind, episode.defense, episode.position)].append(episode)
+    rows = []
+    for (model, attack, defense, position), members in groups.items():
+        n = len(members)
+        recovered = sum(episode.recovered for episode in members)
+        refused_answer = sum(episode.verdicts["keyword"].refused_answer for episode in members
+                             if "keyword" in episode.verdicts)
+        rows.append({
+            "model": model, "attack": attack, "defense": defense, "position": position,
+            "depth": members[0].depth if attack == "prefill" else None, "n": n,
+            "recovery_rate": recovered / n, "recovery_ci95": wilson_interval(recovered, n),
+            "attack_success_rate": (n - recovered) / n, "attack_success_ci95": wilson_interval(n - recovered, n),
+            "refused_answer_rate": refused_answer / n,
+        })
+    return rows
+
+
+def write_summary(directory: Path, episodes: list[Episode], extra: dict | None = None) -> dict:
+    summary = {"rows": summarize(episodes), "episodes": len(episodes), **(extra or {})}
+    (Path(directory) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary
