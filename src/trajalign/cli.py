@@ -167,6 +167,38 @@ def eval_command(
     stdout.print(f"episodes: {eval_config.out / 'episodes.jsonl'}  summary: {eval_config.out / 'summary.json'}")
 
 
+@app.command("train")
+def train_command(
+    config: Optional[Path] = typer.Option(None, help="YAML config; command-line options override its keys"),
+    model: Optional[str] = typer.Option(None, help="model spec to fine-tune"),
+    recipe: Optional[str] = typer.Option(None, help="refusal-sft | prefix-recovery | insertion-recovery | rto | "
+                                                     "trajectory"),
+    harmful: Optional[str] = typer.Option(None, help="harmful prompts: bundled name or file"),
+    harmful_limit: Optional[int] = typer.Option(None, help="first N harmful behaviors"),
+    benign: Optional[str] = typer.Option(None, help="benign prompts: comma-separated names or files"),
+    benign_limit: Optional[int] = typer.Option(None, help="first N benign prompts"),
+    trajectories: Optional[str] = typer.Option(None, help="model:SPEC | column:NAME | target"),
+    lora: bool = typer.Option(False, "--lora", help="train a LoRA adapter (r=16, all linear layers), merged on save"),
+    constrained: bool = typer.Option(False, "--constrained", help="Qi et al.'s token-wise constrained loss"),
+    epochs: Optional[float] = typer.Option(None),
+    learning_rate: Optional[float] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    out: Optional[Path] = typer.Option(None, help="output model directory (re-running resumes it)"),
+) -> None:
+    """Fine-tune a model on perturbed trajectories so that it recovers at any depth."""
+    from trajalign.train.trainer import TrainConfig, run_training
+
+    overrides = {key: value for key, value in {
+        "model": model, "harmful": harmful, "harmful_limit": harmful_limit, "benign_limit": benign_limit,
+        "trajectories": trajectories, "epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size,
+        "benign": benign.split(",") if benign else None, "recipe": {"name": recipe} if recipe else None,
+        "lora": {} if lora else None, "constrained": {} if constrained else None,
+        "out": str(out) if out else None}.items() if value is not None}
+    train_config = load_config(config, TrainConfig, overrides) if config else validate_config(
+        TrainConfig, overrides, "command line")
+    stdout.print(f"model saved to {run_training(train_config)}")
+
+
 def print_summary(rows: list[dict]) -> None:
     table = Table("model", "attack", "position", "n", "recovery", "95% CI", "attack success")
     for row in rows:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -65,9 +66,11 @@ def generate_answers(handle, behaviors: list[Behavior], max_new_tokens: int, bat
             answers[result.key] = result.continuation_ids
         if progress:
             progress(len(batch))
-    if cache_file:
+    if cache_file:  # written whole and renamed, so concurrent ranks or a kill never leave half a file
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        cache_file.write_text(json.dumps(answers))
+        partial = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(answers))
+        os.replace(partial, cache_file)
     return answers
 
 

@@ -1,0 +1,213 @@
+"""Fine-tuning on recipe rows with TRL's SFTTrainer: full or LoRA, seeded, resumable, accelerate-ready."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from trajalign.data.datasets import BUNDLED, Behavior, load_behaviors
+from trajalign.data.trajectories import generate_answers, load_trajectories
+from trajalign.errors import InputError
+from trajalign.models.registry import DEFAULT_MODEL
+from trajalign.runs import write_config
+from trajalign.train.losses import ConstrainedSettings, constrained_loss, label_log_probs
+from trajalign.train.recipes import IGNORE, RecipeConfig, TrainingRow, build_rows
+
+DONE_MARKER = "trajalign-trained.json"
+
+
+class LoraSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    r: int = Field(default=16, gt=0)
+    alpha: int = Field(default=32, gt=0)
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    merge: bool = Field(default=True, description="merge the adapter into the weights when saving")
+
+
+class TrainConfig(BaseModel):
+    """One fine-tuning run: a model, a recipe, harmful and benign prompts, and optimisation settings."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = DEFAULT_MODEL
+    recipe: RecipeConfig = Field(default_factory=RecipeConfig)
+    harmful: str = "advbench"
+    harmful_limit: int | None = 160
+    benign: list[str] = Field(default=["jbb-benign", "self-instruct-seed"])
+    benign_limit: int | None = 120
+    trajectories: str = f"model:{DEFAULT_MODEL}"
+    trajectory_tokens: int = Field(default=48, gt=0)
+    anchor_tokens: int = Field(default=64, gt=0, description="length of self-distilled benign answers")
+    lora: LoraSettings | None = None
+    constrained: ConstrainedSettings | None = None
+    learning_rate: float = Field(default=5e-5, gt=0)
+    epochs: float = Field(default=2.0, gt=0)
+    batch_size: int = Field(default=16, gt=0)
+    gradient_accumulation: int = Field(default=1, gt=0)
+    freeze_embeddings: bool = Field(default=True, description="freeze (tied) embeddings: faster, keeps utility")
+    save_steps: int = Field(default=10, gt=0, description="checkpoint interval, for resuming a killed run")
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "auto"
+    out: Path = Path("runs/train")
+
+
+def collate(rows: list[dict], pad_id: int) -> dict:
+    """Right-pad input_ids with the pad token and labels with the ignore index."""
+    import torch
+
+    width = max(len(row["input_ids"]) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        length = len(row["input_ids"])
+        input_ids[index, :length] = torch.tensor(row["input_ids"])
+        labels[index, :length] = torch.tensor(row["labels"])
+        attention_mask[index, :length] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def _trainer_class():
+    from trl import SFTTrainer
+
+    class TrajectoryTrainer(SFTTrainer):
+        """SFTTrainer with an optional token-wise constrained objective against a frozen reference."""
+
+        def __init__(self, *args, reference_model=None, constrained: ConstrainedSettings | None = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.reference_model = reference_model
+            self.constrained = constrained
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.constrained is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            import torch
+
+            labels = inputs["labels"]
+            forward_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+            outputs = model(**forward_inputs, use_cache=False)
+            policy, mask = label_log_probs(outputs.logits, labels)
+            with torch.no_grad():
+                reference, _ = label_log_probs(self.reference_model(**forward_inputs, use_cache=False).logits, labels)
+            loss = constrained_loss(policy, reference, mask, self.constrained)
+            return (loss, outputs) if return_outputs else loss
+
+    return TrajectoryTrainer
+
+
+def load_benign(names: list[str], limit: int | None) -> list[Behavior]:
+    behaviors = []
+    for name in names:
+        if name in BUNDLED and not BUNDLED[name].training_allowed:
+            raise InputError(f"dataset '{name}': its authors ask that it be used for evaluation only, not training")
+        behaviors += load_behaviors(name)
+    return behaviors[:limit] if limit else behaviors
+
+
+def prepare_rows(config: TrainConfig, handle, harmful: list[Behavior], benign: list[Behavior],
+                 cache_dir: Path) -> list[TrainingRow]:
+    trajectories = load_trajectories(config.trajectories, harmful, handle, config.trajectory_tokens,
+                                     config.batch_size, cache_dir=cache_dir)
+    anchors = generate_answers(handle, benign, config.anchor_tokens, config.batch_size, cache_dir=cache_dir)
+    return build_rows(
+        config.recipe, handle.chat,
+        [(b.id, b.prompt, trajectories[b.id].token_ids) for b in harmful],
+        [(b.id, b.prompt, anchors[b.id], len(anchors[b.id]) < config.anchor_tokens) for b in benign],
+    )
+
+
+def _last_checkpoint(directory: Path) -> str | None:
+    checkpoints = sorted(directory.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    return str(checkpoints[-1]) if checkpoints else None
+
+
+def run_training(config: TrainConfig, handle=None, harmful: list[Behavior] | None = None,
+                 benign: list[Behavior] | None = None) -> Path:
+    """Train and save an HF model directory at `config.out`; a killed run resumes from its last checkpoint."""
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    out = config.out
+    if (out / DONE_MARKER).exists():
+        return out
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main:
+        write_config(out, config)
+    if handle is None:
+        from trajalign.models.loading import load_model
+
+        handle = load_model(config.model, dtype=config.dtype, device=config.device)
+    harmful = harmful if harmful is not None else load_behaviors(config.harmful, limit=config.harmful_limit)
+    benign = benign if benign is not None else load_benign(config.benign, config.benign_limit)
+    rows = prepare_rows(config, handle, harmful, benign, out / "cache")
+    if is_main:
+        with open(out / "rows.jsonl", "w", encoding="utf-8") as handle_rows:
+            handle_rows.writelines(row.model_dump_json() + "\n" for row in rows)
+    dataset = Dataset.from_list([{"input_ids": row.input_ids, "labels": row.labels} for row in rows])
+
+    model = handle.model
+    model.train()
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if config.constrained else None
+    if config.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    if config.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha,
+                                                 lora_dropout=config.lora.dropout,
+                                                 target_modules=config.lora.target_modules, task_type="CAUSAL_LM"))
+    on_gpu = torch.cuda.is_available() and config.device != "cpu"
+    args = SFTConfig(
+        output_dir=str(out / "checkpoints"), num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation,
+        learning_rate=config.learning_rate, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
+        logging_steps=1, save_strategy="steps", save_steps=config.save_steps, save_total_limit=1,
+        report_to=[], seed=config.seed, data_seed=config.seed, use_cpu=not on_gpu, bf16=on_gpu and config.dtype == "bfloat16",
+        dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False, max_length=None,
+        dataloader_num_workers=0, disable_tqdm=not is_main, ddp_find_unused_parameters=False,
+    )
+    pad_id = handle.tokenizer.pad_token_id
+    trainer = _trainer_class()(
+        model=model, args=args, train_dataset=dataset, processing_class=handle.tokenizer,
+        data_collator=lambda batch: collate(batch, pad_id), reference_model=reference, constrained=config.constrained,
+    )
+    trainer.train(resume_from_checkpoint=_last_checkpoint(out / "checkpoints"))
+    if trainer.is_world_process_zero():
+        _save(trainer.model, handle, config, out)
+        _write_log(trainer.state.log_history, out)
+        (out / DONE_MARKER).write_text(json.dumps({"rows": len(rows), "steps": trainer.state.global_step}))
+    return out
+
+
+def _save(model, handle, config: TrainConfig, out: Path) -> None:
+    if config.lora and config.lora.merge:
+        model = model.merge_and_unload()
+    elif config.lora:
+        model.peft_config["default"].base_model_name_or_path = config.model
+    model.save_pretrained(out, safe_serialization=True)
+    handle.tokenizer.save_pretrained(out)
+
+
+def _write_log(history: list[dict], out: Path) -> None:
+    (out / "training_log.json").write_text(json.dumps(history, indent=1))
+    losses = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    figure, axis = plt.subplots(figsize=(5, 3))
+    axis.plot([step for step, _ in losses], [loss for _, loss in losses], color="#0072B2")
+    axis.set_xlabel("step")
+    axis.set_ylabel("training loss")
+    figure.tight_layout()
+    figure.savefig(out / "loss_curve.png", dpi=120)
+    plt.close(figure)
