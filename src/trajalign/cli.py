@@ -199,6 +199,41 @@ def train_command(
     stdout.print(f"model saved to {run_training(train_config)}")
 
 
+@app.command("probe")
+def probe_command(
+    config: Optional[Path] = typer.Option(None, help="YAML config; command-line options override its keys"),
+    model: Optional[str] = typer.Option(None, help="model spec to probe"),
+    harmful: Optional[str] = typer.Option(None, help="harmful prompts for the refusal direction"),
+    harmless: Optional[str] = typer.Option(None, help="harmless prompts for the refusal direction"),
+    direction: Optional[Path] = typer.Option(None, help="reuse a saved direction (its .safetensors/.json)"),
+    dataset: Optional[str] = typer.Option(None, help="behaviors whose trajectories are probed"),
+    limit: Optional[int] = typer.Option(None),
+    trajectories: Optional[str] = typer.Option(None, help="model:SPEC | column:NAME | target"),
+    reference: Optional[str] = typer.Option(None, help="reference model for the per-token KL"),
+    eval_run: Optional[list[Path]] = typer.Option(None, help="eval run(s) whose recovery the scores predict"),
+    out: Optional[Path] = typer.Option(None),
+) -> None:
+    """Refusal direction, per-depth internal readings along trajectories, and whether they predict recovery."""
+    from trajalign.probe.run import ProbeConfig, run_probe
+
+    overrides = {key: value for key, value in {
+        "model": model, "harmful": harmful, "harmless": harmless, "dataset": dataset, "limit": limit,
+        "trajectories": trajectories, "reference": reference, "direction": str(direction) if direction else None,
+        "eval_runs": [str(run) for run in eval_run] if eval_run else None,
+        "out": str(out) if out else None}.items() if value is not None}
+    probe_config = load_config(config, ProbeConfig, overrides) if config else validate_config(
+        ProbeConfig, overrides, "command line")
+    results = run_probe(probe_config)
+    table = Table("run", "group", "score", "n", "AUROC", "95% CI", "Spearman")
+    for run, rows in results["predictivity"].items():
+        for row in rows:
+            low, high = row["auroc_ci95"]
+            table.add_row(Path(run).name, row["group"], row["score"], str(row["n"]), f"{row['auroc']:.2f}",
+                          f"{low:.2f}-{high:.2f}", f"{row['spearman']:.2f}")
+    stdout.print(f"direction: layer {results['direction']['layer']}; results in {probe_config.out}")
+    stdout.print(table)
+
+
 def print_summary(rows: list[dict]) -> None:
     table = Table("model", "attack", "position", "n", "recovery", "95% CI", "attack success")
     for row in rows:

@@ -1,0 +1,136 @@
+"""The refusal direction (Arditi et al. 2024): difference in means, then selection by its causal effect."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from trajalign.probe.hooks import ablate_direction, add_vector, decoder_blocks, record_block_inputs
+
+
+def refusal_opening_ids(chat, refusals: tuple[str, ...] | None = None) -> list[int]:
+    """First tokens of refusal texts, at the answer start and after a space (mid-answer)."""
+    from trajalign.train.recipes import REFUSALS
+
+    texts = refusals or REFUSALS
+    return sorted({chat.encode_span(text)[0] for text in texts} | {chat.encode_span(" " + text)[0] for text in texts})
+
+
+def _batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _pad_right(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        attention_mask[row, :len(ids)] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+@torch.inference_mode()
+def mean_activations(handle, prompts: list[str], batch_size: int = 16) -> torch.Tensor:
+    """Mean residual stream entering each block at the post-instruction positions: [layers, positions, hidden],
+    accumulated in float64. Right padding keeps every real token's position id as in an unpadded pass."""
+    positions = len(handle.chat.post_instruction_ids)
+    layers = len(decoder_blocks(handle.model))
+    total = None
+    for batch in _batches([handle.chat.prompt_ids(prompt) for prompt in prompts], batch_size):
+        input_ids, attention_mask = _pad_right(batch, handle.tokenizer.pad_token_id, handle.device)
+        with record_block_inputs(handle.model) as captured:
+            handle.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+        index = torch.stack([torch.arange(len(ids) - positions, len(ids)) for ids in batch]).to(handle.device)
+        stacked = torch.stack([captured[layer] for layer in range(layers)])  # [layers, batch, seq, hidden]
+        gathered = stacked.gather(2, index[None, :, :, None].expand(layers, -1, -1, stacked.shape[-1]))
+        summed = gathered.double().sum(dim=1)
+        total = summed if total is None else total + summed
+    return total / len(prompts)
+
+
+@torch.inference_mode()
+def refusal_scores(handle, prompts: list[str], opening_ids: list[int], batch_size: int = 16) -> torch.Tensor:
+    """Per prompt: log-odds that the answer opens with a refusal token, log p / (1 - p), p = their mass."""
+    scores, distributions = [], []
+    for batch in _batches([handle.chat.prompt_ids(prompt) for prompt in prompts], batch_size):
+        input_ids, attention_mask = _pad_right(batch, handle.tokenizer.pad_token_id, handle.device)
+        logits = handle.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        last = logits[torch.arange(len(batch)), torch.tensor([len(ids) - 1 for ids in batch])].double()
+        log_probs = last.log_softmax(-1)
+        mass = log_probs[:, opening_ids].logsumexp(-1)
+        scores.append(mass - torch.log1p(-mass.exp().clamp(max=1 - 1e-12)))
+        distributions.append(log_probs)
+    return torch.cat(scores), torch.cat(distributions)
+
+
+@dataclass
+class RefusalDirection:
+    direction: torch.Tensor
+    layer: int
+    position: int
+    mean_diff: torch.Tensor
+    metadata: dict = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"direction": self.direction.float().contiguous(), "mean_diff": self.mean_diff.float().contiguous()},
+                  str(path.with_suffix(".safetensors")))
+        path.with_suffix(".json").write_text(json.dumps(
+            {"layer": self.layer, "position": self.position, **self.metadata}, indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> "RefusalDirection":
+        from safetensors.torch import load_file
+
+        from trajalign.errors import InputError
+
+        path = Path(path)
+        tensors_file, meta_file = path.with_suffix(".safetensors"), path.with_suffix(".json")
+        if not tensors_file.exists() or not meta_file.exists():
+            raise InputError(f"{path}: a direction needs both {tensors_file.name} and {meta_file.name}")
+        tensors = load_file(str(tensors_file))
+        meta = json.loads(meta_file.read_text())
+        return cls(tensors["direction"], meta.pop("layer"), meta.pop("position"), tensors["mean_diff"], meta)
+
+
+def select_direction(handle, harmful: list[str], harmless: list[str], batch_size: int = 16,
+                     positions: list[int] | None = None, layer_step: int = 1, kl_ceiling: float = 0.1,
+                     prune_layer_fraction: float = 0.2) -> RefusalDirection:
+    """Diff-in-means for every (layer, post-instruction position); choose the candidate whose ablation lowers the
+    refusal score on harmful prompts most, among those whose addition raises it on harmless prompts, whose
+    ablation moves harmless next-token distributions by KL < kl_ceiling, outside the last 20% of layers."""
+    mean_diff = mean_activations(handle, harmful, batch_size) - mean_activations(handle, harmless, batch_size)
+    openings = refusal_opening_ids(handle.chat)
+    layers, width = mean_diff.shape[0], mean_diff.shape[1]
+    positions = positions if positions is not None else list(range(-width, 0))
+    harmful_base, _ = refusal_scores(handle, harmful, openings, batch_size)
+    harmless_base, harmless_dist = refusal_scores(handle, harmless, openings, batch_size)
+    candidates = []
+    for layer in range(0, int(layers * (1 - prune_layer_fraction)), layer_step):
+        for position in positions:
+            vector = mean_diff[layer, position].float()
+            with ablate_direction(handle.model, vector):
+                ablated, _ = refusal_scores(handle, harmful, openings, batch_size)
+                _, ablated_harmless = refusal_scores(handle, harmless, openings, batch_size)
+            with add_vector(handle.model, vector, layer):
+                steered, _ = refusal_scores(handle, harmless, openings, batch_size)
+            kl = (harmless_dist.exp() * (harmless_dist - ablated_harmless)).sum(-1).mean().item()
+            candidates.append({"layer": layer, "position": position, "ablation_score": ablated.mean().item(),
+                               "steering_score": steered.mean().item(), "kl": kl})
+    allowed = [c for c in candidates if c["kl"] < kl_ceiling and c["steering_score"] > harmless_base.mean().item()]
+    chosen = min(allowed or candidates, key=lambda c: c["ablation_score"])
+    return RefusalDirection(
+        direction=mean_diff[chosen["layer"], chosen["position"]].float(), layer=chosen["layer"],
+        position=chosen["position"], mean_diff=mean_diff,
+        metadata={"harmful_baseline_score": harmful_base.mean().item(),
+                  "harmless_baseline_score": harmless_base.mean().item(), "chosen": chosen,
+                  "filters_passed": bool(allowed), "candidates": candidates, "model": handle.spec,
+                  "n_harmful": len(harmful), "n_harmless": len(harmless)})

@@ -1,0 +1,96 @@
+import numpy as np
+import pytest
+import torch
+
+from trajalign.data.datasets import load_behaviors
+from trajalign.probe.direction import RefusalDirection, mean_activations, refusal_opening_ids, select_direction
+from trajalign.probe.hooks import add_vector, decoder_blocks, record_block_inputs
+from trajalign.probe.predictivity import predictivity
+from trajalign.probe.trajectory import probe_trajectories
+from trajalign.records import Episode
+from trajalign.testing import tiny_handle
+
+HARMFUL = [b.prompt for b in load_behaviors("advbench", limit=6)]
+HARMLESS = [b.prompt for b in load_behaviors("jbb-benign", limit=5)]
+
+
+def test_diff_in_means_equals_independent_numpy(tiny):
+    positions = len(tiny.chat.post_instruction_ids)
+
+    def numpy_means(prompts):
+        rows = []
+        for prompt in prompts:  # one unpadded pass per prompt, read off output_hidden_states
+            ids = torch.tensor([tiny.chat.prompt_ids(prompt)])
+            with torch.no_grad():
+                states = tiny.model(ids, output_hidden_states=True).hidden_states
+            rows.append(np.stack([state[0, -positions:].numpy().astype(np.float64)
+                                  for state in states[:len(decoder_blocks(tiny.model))]]))
+        return np.mean(rows, axis=0)
+
+    ours = (mean_activations(tiny, HARMFUL, batch_size=4) - mean_activations(tiny, HARMLESS, batch_size=3)).numpy()
+    np.testing.assert_allclose(ours, numpy_means(HARMFUL) - numpy_means(HARMLESS), atol=1e-5)
+
+
+def test_planted_direction_is_recovered(tiny):
+    planted = torch.randn(64, generator=torch.Generator().manual_seed(5)) * 20
+    harmless = mean_activations(tiny, HARMLESS)
+    with add_vector(tiny.model, planted, layer=1):
+        harmful = mean_activations(tiny, HARMFUL)
+    found = (harmful - harmless)[1, -1].float()
+    cosine = torch.nn.functional.cosine_similarity(found, planted, dim=0).item()
+    assert cosine > 0.99
+
+
+def test_record_is_padding_safe(tiny):
+    short, long = tiny.chat.prompt_ids("Hi"), tiny.chat.prompt_ids("Write a poem about the sea and the sky")
+    from trajalign.probe.direction import _pad_right
+
+    input_ids, mask = _pad_right([short, long], tiny.tokenizer.pad_token_id, "cpu")
+    with record_block_inputs(tiny.model, [1]) as batched, torch.no_grad():
+        tiny.model(input_ids=input_ids, attention_mask=mask)
+    with record_block_inputs(tiny.model, [1]) as alone, torch.no_grad():
+        tiny.model(input_ids=torch.tensor([short]))
+    torch.testing.assert_close(batched[1][0, :len(short)], alone[1][0], atol=1e-5, rtol=1e-4)
+
+
+def test_select_direction_and_save_roundtrip(tiny, tmp_path):
+    direction = select_direction(tiny, HARMFUL, HARMLESS, batch_size=4, positions=[-1])
+    assert direction.layer < 2 and direction.metadata["candidates"]
+    direction.save(tmp_path / "dir")
+    loaded = RefusalDirection.load(tmp_path / "dir")
+    torch.testing.assert_close(loaded.direction, direction.direction)
+    assert loaded.layer == direction.layer
+
+
+def test_one_pass_probe_matches_per_depth_passes(tiny):
+    prompt = tiny.chat.prompt_ids(HARMFUL[0])
+    trajectory = tiny.chat.encode_span("Sure, here is a short answer")
+    openings = refusal_opening_ids(tiny.chat)
+    direction = torch.randn(64)
+    readings = probe_trajectories(tiny, [("b", prompt, trajectory)], openings, direction, [1])
+    assert [r.depth for r in readings] == list(range(len(trajectory) + 1))
+    for reading in readings[::3]:
+        context = torch.tensor([prompt + trajectory[:reading.depth]])
+        with record_block_inputs(tiny.model, [1]) as captured, torch.no_grad():
+            logits = tiny.model(context).logits[0, -1].double().log_softmax(-1)
+        assert reading.onset_score == pytest.approx(logits[openings].logsumexp(-1).item(), abs=1e-5)
+        expected = captured[1][0, -1].double() @ (direction / direction.norm()).double()
+        assert reading.projections[1] == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_predictivity_joins_by_behavior_and_depth():
+    from trajalign.probe.trajectory import DepthReading
+
+    readings, episodes = [], []
+    for index in range(20):
+        recovered = index % 2 == 0
+        readings.append(DepthReading(behavior_id=f"b{index}", depth=5, onset_score=float(recovered) + index * 0.01,
+                                     projections={3: -float(index)}))
+        episodes.append(Episode(episode_id=str(index), model="m", behavior_id=f"b{index}", dataset="d", prompt="p",
+                                attack={}, attack_kind="prefill", position="depth=5", depth=5, context_ids=[1],
+                                answer_start=0, continuation_ids=[], continuation_text="", finish_reason="eos",
+                                recovered=recovered))
+    rows = {(r["group"], r["score"]): r for r in predictivity(readings, episodes, resamples=100)}
+    assert rows[("depth=5", "onset_score")]["auroc"] == 1.0
+    assert rows[("pooled", "projection_L3")]["n"] == 20
+    assert 0.3 < rows[("pooled", "projection_L3")]["auroc"] < 0.7
