@@ -15,7 +15,7 @@ import time
 import torch
 
 from trajalign.backends.base import GenerationRequest
-from trajalign.backends.hf import HFBackend, cache_keyword, output_cache
+from trajalign.backends.hf import HFBackend, cache_keyword
 from trajalign.data.datasets import load_behaviors
 from trajalign.data.trajectories import generate_answers
 from trajalign.models import load_model

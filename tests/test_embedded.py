@@ -40,3 +40,5 @@ def test_cached_load_is_fast():
     seconds = time.perf_counter() - started
     print(f"embedded model load from {embedded_model_dir('smollm2-135m')}: {seconds:.2f} s")
     assert handle.chat.header_ids
+    # a dequantized copy must not claim to be quantized: transformers would refuse to fine-tune it
+    assert getattr(handle.model.config, "quantization_config", None) is None

@@ -3,12 +3,16 @@ import pytest
 import torch
 
 from trajalign.data.datasets import load_behaviors
-from trajalign.probe.direction import RefusalDirection, mean_activations, refusal_opening_ids, select_direction
+from trajalign.probe.direction import (
+    RefusalDirection,
+    mean_activations,
+    refusal_opening_ids,
+    select_direction,
+)
 from trajalign.probe.hooks import add_vector, decoder_blocks, record_block_inputs
 from trajalign.probe.predictivity import predictivity
 from trajalign.probe.trajectory import probe_trajectories
 from trajalign.records import Episode
-from trajalign.testing import tiny_handle
 
 HARMFUL = [b.prompt for b in load_behaviors("advbench", limit=6)]
 HARMLESS = [b.prompt for b in load_behaviors("jbb-benign", limit=5)]

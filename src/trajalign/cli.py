@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -232,6 +231,21 @@ def probe_command(
                           f"{low:.2f}-{high:.2f}", f"{row['spearman']:.2f}")
     stdout.print(f"direction: layer {results['direction']['layer']}; results in {probe_config.out}")
     stdout.print(table)
+
+
+@app.command("reproduce")
+def reproduce_command(
+    preset: str = typer.Option("quick", help="quick (minutes) | full (about 25 minutes on 2 cores)"),
+    out: Path = typer.Option(Path("runs/reproduce"), help="run directory (re-running resumes it)"),
+) -> None:
+    """The whole study in miniature: unaligned, shallow and trajectory-trained models, attacked and probed."""
+    from trajalign.reproduce import PRESETS, reproduce
+
+    if preset not in PRESETS:
+        raise InputError(f"preset '{preset}': choose one of {', '.join(PRESETS)}")
+    summary = reproduce(preset, out, log=lambda message: stderr.print(message, markup=False))
+    stdout.print((out / "summary.md").read_text(encoding="utf-8"), markup=False)
+    stdout.print(f"total {summary['total_s']:.0f} s; details in {out}")
 
 
 def print_summary(rows: list[dict]) -> None:

@@ -220,12 +220,14 @@ class Planner:
 class Evaluation:
     """Runs one EvalConfig into its run directory, resuming whatever a previous run finished."""
 
-    def __init__(self, config: EvalConfig, handle=None, trajectories: dict[str, Trajectory] | None = None):
+    def __init__(self, config: EvalConfig, handle=None, trajectories: dict[str, Trajectory] | None = None,
+                 behaviors: list[Behavior] | None = None):
         if isinstance(config.attack, Decoding) and config.defense is not None:
             raise InputError("the header re-injection defense applies to injections, not to the decoding sweep")
         self.config = config
         self._handle = handle
         self._trajectories = trajectories
+        self._behaviors = behaviors
 
     @property
     def handle(self):
@@ -254,20 +256,22 @@ class Evaluation:
         write_config(config.out, config)
         log = EpisodeLog(config.out)
         done = {episode.episode_id for episode in log.load()}
-        behaviors = load_behaviors(config.dataset, config.columns, config.limit)
+        behaviors = self._behaviors or load_behaviors(config.dataset, config.columns, config.limit)
         trajectories = self._trajectories or load_trajectories(
             config.trajectories, behaviors, self.handle, config.trajectory_tokens, config.batch_size,
             cache_dir=config.out / "cache")
         backend = self._backend()
         planner = Planner(config, self.handle, backend)
         pairs = [(behavior, trajectories[behavior.id]) for behavior in behaviors]
-        expected = {planner.key(b, position, sample): b for b, t in pairs for position, sample in planner.positions(b, t)}
+        expected = {planner.key(b, position, sample): b
+                    for b, t in pairs for position, sample in planner.positions(b, t)}
         self._check_depths(pairs)
         skipped = sum(len(self._all_labels(b)) - len(planner.positions(b, t)) for b, t in pairs)
         if skipped:
             print(f"note: {skipped} episodes need more trajectory tokens than their trajectory has; they are "
                   f"counted in summary.json as skipped_short_trajectory", file=sys.stderr)
-        pending = [(b, t) for b, t in pairs if any(planner.key(b, p, s) not in done for p, s in planner.positions(b, t))]
+        pending = [(b, t) for b, t in pairs
+                   if any(planner.key(b, p, s) not in done for p, s in planner.positions(b, t))]
         planned = [episode for episode in planner.plan(pending) if episode.key not in done] if pending else []
         by_key = {episode.key: episode for episode in planned}
         judges = self._judges()

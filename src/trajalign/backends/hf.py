@@ -66,7 +66,8 @@ class HFBackend:
     def generate(self, requests: list[GenerationRequest]) -> Iterator[list[GenerationResult]]:
         for request in requests:
             if not 0 <= request.branch <= len(request.trunk) or not request.context:
-                raise TrajalignError(f"request {request.key}: branch {request.branch} outside its trunk or empty context")
+                raise TrajalignError(
+                    f"request {request.key}: branch {request.branch} outside its trunk or empty context")
         groups: dict[tuple[int, ...], list[GenerationRequest]] = {}
         for request in requests:
             groups.setdefault(tuple(request.trunk), []).append(request)
@@ -132,7 +133,8 @@ class HFBackend:
             attention_mask[row, cached_width - length:cached_width] = 1
             attention_mask[row, cached_width + tail_width - len(tail):] = 1
         device = self.device
-        input_ids, position_ids, attention_mask = input_ids.to(device), position_ids.to(device), attention_mask.to(device)
+        input_ids, position_ids = input_ids.to(device), position_ids.to(device)
+        attention_mask = attention_mask.to(device)
         generators = [None if request.sampling.greedy else
                       torch.Generator(device=device).manual_seed(request.sampling.seed) for request in requests]
         continuations: list[list[int]] = [[] for _ in requests]
@@ -163,7 +165,8 @@ class HFBackend:
             if len(keep) < len(alive):
                 selector = torch.tensor(keep, device=device)
                 cache.batch_select_indices(selector)
-                attention_mask, next_position, tokens = attention_mask[selector], next_position[selector], tokens[selector]
+                attention_mask, next_position = attention_mask[selector], next_position[selector]
+                tokens = tokens[selector]
                 alive = [alive[position] for position in keep]
             input_ids = tokens[:, None]
             position_ids = next_position[:, None]

@@ -120,6 +120,10 @@ def convert_gguf_to_safetensors(gguf: Path, out_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_model(model, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    # The weights are dequantized float32 now; a leftover GGUF quantization entry would make transformers treat
+    # the copy as quantized (and refuse to fine-tune it).
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
     model.config.save_pretrained(out_dir)
     model.generation_config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -134,3 +134,23 @@ def select_direction(handle, harmful: list[str], harmless: list[str], batch_size
                   "harmless_baseline_score": harmless_base.mean().item(), "chosen": chosen,
                   "filters_passed": bool(allowed), "candidates": candidates, "model": handle.spec,
                   "n_harmful": len(harmful), "n_harmless": len(harmless)})
+
+
+def steering_effect(handle, direction: RefusalDirection, harmful: list[str], harmless: list[str],
+                    new_tokens: int = 24, batch_size: int = 16) -> dict[str, float]:
+    """Refusal rates (keyword judge, greedy answers) with and without ablating / adding the direction."""
+    from trajalign.data.datasets import Behavior
+    from trajalign.data.trajectories import generate_answers
+    from trajalign.judges import starts_refusal
+
+    def refusal_rate(prompts: list[str]) -> float:
+        behaviors = [Behavior(id=str(index), prompt=prompt, dataset="probe") for index, prompt in enumerate(prompts)]
+        answers = generate_answers(handle, behaviors, new_tokens, batch_size, cache_dir=None)
+        return sum(starts_refusal(handle.chat.decode(ids)) for ids in answers.values()) / len(prompts)
+
+    rates = {"harmful_refusal": refusal_rate(harmful), "harmless_refusal": refusal_rate(harmless)}
+    with ablate_direction(handle.model, direction.direction):
+        rates["harmful_refusal_ablated"] = refusal_rate(harmful)
+    with add_vector(handle.model, direction.direction, direction.layer):
+        rates["harmless_refusal_added"] = refusal_rate(harmless)
+    return rates

@@ -35,7 +35,8 @@ class RecipeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: Literal["refusal-sft", "prefix-recovery", "insertion-recovery", "rto", "trajectory"] = "trajectory"
-    prefix_probability: float = Field(default=0.5, ge=0, le=1, description="prefix-recovery: share of rows with a prefix")
+    prefix_probability: float = Field(default=0.5, ge=0, le=1,
+                                      description="prefix-recovery: share of rows with a prefix")
     max_prefix: int = Field(default=100, gt=0, description="prefix length k is uniform in [1, min(this, length)]")
     max_span: int = Field(default=20, gt=0, description="insertion: harmful span length L uniform in [1, this]")
     insertions: int = Field(default=1, gt=0, description="insertion: perturbation points per answer")

@@ -110,9 +110,9 @@ def load_benign(names: list[str], limit: int | None) -> list[Behavior]:
 
 
 def prepare_rows(config: TrainConfig, handle, harmful: list[Behavior], benign: list[Behavior],
-                 cache_dir: Path) -> list[TrainingRow]:
-    trajectories = load_trajectories(config.trajectories, harmful, handle, config.trajectory_tokens,
-                                     config.batch_size, cache_dir=cache_dir)
+                 cache_dir: Path, trajectories: dict | None = None) -> list[TrainingRow]:
+    trajectories = trajectories or load_trajectories(config.trajectories, harmful, handle, config.trajectory_tokens,
+                                                     config.batch_size, cache_dir=cache_dir)
     anchors = generate_answers(handle, benign, config.anchor_tokens, config.batch_size, cache_dir=cache_dir)
     return build_rows(
         config.recipe, handle.chat,
@@ -127,8 +127,11 @@ def _last_checkpoint(directory: Path) -> str | None:
 
 
 def run_training(config: TrainConfig, handle=None, harmful: list[Behavior] | None = None,
-                 benign: list[Behavior] | None = None) -> Path:
-    """Train and save an HF model directory at `config.out`; a killed run resumes from its last checkpoint."""
+                 benign: list[Behavior] | None = None, trajectories: dict | None = None,
+                 cache_dir: Path | None = None) -> Path:
+    """Train and save an HF model directory at `config.out`; a killed run resumes from its last checkpoint.
+
+    `trajectories` and `cache_dir` let a caller share work already done (the reproduction does)."""
     import torch
     from datasets import Dataset
     from trl import SFTConfig
@@ -145,7 +148,7 @@ def run_training(config: TrainConfig, handle=None, harmful: list[Behavior] | Non
         handle = load_model(config.model, dtype=config.dtype, device=config.device)
     harmful = harmful if harmful is not None else load_behaviors(config.harmful, limit=config.harmful_limit)
     benign = benign if benign is not None else load_benign(config.benign, config.benign_limit)
-    rows = prepare_rows(config, handle, harmful, benign, out / "cache")
+    rows = prepare_rows(config, handle, harmful, benign, cache_dir or out / "cache", trajectories)
     if is_main:
         with open(out / "rows.jsonl", "w", encoding="utf-8") as handle_rows:
             handle_rows.writelines(row.model_dump_json() + "\n" for row in rows)
@@ -168,7 +171,8 @@ def run_training(config: TrainConfig, handle=None, harmful: list[Behavior] | Non
         per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation,
         learning_rate=config.learning_rate, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
         logging_steps=1, save_strategy="steps", save_steps=config.save_steps, save_total_limit=1,
-        report_to=[], seed=config.seed, data_seed=config.seed, use_cpu=not on_gpu, bf16=on_gpu and config.dtype == "bfloat16",
+        report_to=[], seed=config.seed, data_seed=config.seed, use_cpu=not on_gpu,
+        bf16=on_gpu and config.dtype == "bfloat16",
         dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False, max_length=None,
         dataloader_num_workers=0, disable_tqdm=not is_main, ddp_find_unused_parameters=False,
     )

@@ -1,0 +1,224 @@
+"""`trajalign reproduce`: the whole study in miniature on the embedded model, stage by stage, resumable.
+
+Stages: split AdvBench by behavior; harmful trajectories and benign anchors from the original (unaligned)
+model; a shallow model (refusal-sft) and a deep one (trajectory recipe); attacks and over-refusal checks on
+the held-out behaviors for all three; the probe and its predictivity; a summary table.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from trajalign.attacks import Decoding, Insert, Prefill
+from trajalign.data.datasets import Behavior, load_behaviors
+from trajalign.data.trajectories import Trajectory, load_trajectories
+from trajalign.evaluate import EvalConfig, Evaluation
+from trajalign.models.loading import load_model
+from trajalign.models.registry import DEFAULT_MODEL
+from trajalign.probe.run import ProbeConfig, run_probe
+from trajalign.train.recipes import RecipeConfig
+from trajalign.train.trainer import TrainConfig, run_training
+
+
+class Preset(BaseModel):
+    train_behaviors: int
+    test_behaviors: int
+    trajectory_tokens: int
+    anchors: int
+    anchor_tokens: int
+    epochs: float
+    depths: list[int] = [0, 5, 10, 20, 40]
+    insert_after: int = 8
+    insert_length: int = 10
+    over_refusal_prompts: int = 20
+    decoding: bool = False
+    direction_prompts: int = 16
+    layer_step: int = 6
+
+
+PRESETS = {
+    "quick": Preset(train_behaviors=96, test_behaviors=20, trajectory_tokens=40, anchors=64, anchor_tokens=48,
+                    epochs=2),
+    "full": Preset(train_behaviors=160, test_behaviors=40, trajectory_tokens=48, anchors=120, anchor_tokens=64,
+                   epochs=2, over_refusal_prompts=40, decoding=True, direction_prompts=32, layer_step=3),
+}
+ROLES = ("original", "shallow", "trajectory")
+CONTINUATION_TOKENS = 32  # the judge reads the first 24
+
+
+def split_behaviors(preset: Preset, seed: int = 0) -> tuple[list[Behavior], list[Behavior]]:
+    behaviors = load_behaviors("advbench")
+    random.Random(seed).shuffle(behaviors)
+    return behaviors[:preset.train_behaviors], behaviors[-preset.test_behaviors:]
+
+
+def benign_sets(preset: Preset) -> tuple[list[Behavior], dict[str, list[Behavior]]]:
+    """Anchors train on Self-Instruct seed tasks and half of JBB benign; over-refusal is measured on the other
+    half, the Self-Instruct user tasks (evaluation-only) and XSTest's safe prompts, spread over their types."""
+    jbb = load_behaviors("jbb-benign")
+    seed_tasks = load_behaviors("self-instruct-seed")
+    anchors = (seed_tasks + jbb[::2])[: preset.anchors]
+    n = preset.over_refusal_prompts
+    xstest = load_behaviors("xstest-safe")
+    evaluation = {"xstest-safe": xstest[:: max(1, len(xstest) // n)][:n],
+                  "everyday-benign": (jbb[1::2][: n // 2] + load_behaviors("self-instruct-user")[: n - n // 2])}
+    return anchors, evaluation
+
+
+class Reproduction:
+    def __init__(self, preset_name: str, out: Path, log=print):
+        self.preset = PRESETS[preset_name]
+        self.preset_name = preset_name
+        self.out = Path(out)
+        self.log = log
+        self.timings: dict[str, float] = {}
+
+    def stage(self, name: str):
+        reproduction = self
+
+        class _Stage:
+            def __enter__(self):
+                reproduction.log(f"[{name}] ...")
+                self.started = time.perf_counter()
+
+            def __exit__(self, *exc):
+                reproduction.timings[name] = round(time.perf_counter() - self.started, 1)
+                if exc[0] is None:
+                    reproduction.log(f"[{name}] done in {reproduction.timings[name]:.0f} s")
+
+        return _Stage()
+
+    def model_spec(self, role: str) -> str:
+        return DEFAULT_MODEL if role == "original" else str(self.out / "models" / role)
+
+    def run(self) -> dict:
+        started = time.perf_counter()
+        train, test = split_behaviors(self.preset)
+        anchors, over_refusal = benign_sets(self.preset)
+        (self.out).mkdir(parents=True, exist_ok=True)
+        (self.out / "split.json").write_text(json.dumps({"train": [b.id for b in train],
+                                                         "test": [b.id for b in test]}))
+        with self.stage("trajectories"):
+            original = load_model(DEFAULT_MODEL)
+            trajectories = load_trajectories(f"model:{DEFAULT_MODEL}", train + test, original,
+                                             self.preset.trajectory_tokens, cache_dir=self.out / "cache")
+        for role, recipe in (("shallow", "refusal-sft"), ("trajectory", "trajectory")):
+            with self.stage(f"train {role}"):
+                self.train(role, recipe, train, anchors, trajectories)
+        results = {}
+        for role in ROLES:
+            with self.stage(f"evaluate {role}"):
+                results[role] = self.evaluate(role, test, trajectories, over_refusal)
+        probes = {}
+        for role in ("shallow", "trajectory"):
+            with self.stage(f"probe {role}"):
+                probes[role] = self.probe(role, test, trajectories)
+        summary = {"preset": self.preset_name, "results": results, "probes": probes, "timings_s": self.timings,
+                   "total_s": round(time.perf_counter() - started, 1)}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (self.out / "summary.md").write_text(summary_markdown(summary))
+        return summary
+
+    def train(self, role: str, recipe: str, train: list[Behavior], anchors: list[Behavior], trajectories) -> None:
+        config = TrainConfig(model=DEFAULT_MODEL, recipe=RecipeConfig(name=recipe), harmful_limit=None,
+                             benign=[], benign_limit=None, trajectory_tokens=self.preset.trajectory_tokens,
+                             anchor_tokens=self.preset.anchor_tokens, epochs=self.preset.epochs,
+                             out=self.out / "models" / role)
+        run_training(config, handle=load_model(DEFAULT_MODEL), harmful=train, benign=anchors,
+                     trajectories=trajectories, cache_dir=self.out / "cache")
+
+    def _eval(self, role: str, name: str, attack, behaviors: list[Behavior],
+              trajectories: dict[str, Trajectory], dataset: str) -> list[dict]:
+        config = EvalConfig(model=self.model_spec(role), dataset=dataset, trajectories=f"model:{DEFAULT_MODEL}",
+                            trajectory_tokens=self.preset.trajectory_tokens, attack=attack,
+                            max_new_tokens=CONTINUATION_TOKENS, out=self.out / "evals" / role / name)
+        evaluation = Evaluation(config, handle=self._handle(role), trajectories=trajectories, behaviors=behaviors)
+        return evaluation.run()["rows"]
+
+    def _handle(self, role: str):
+        if getattr(self, "_loaded_role", None) != role:
+            self._loaded = load_model(self.model_spec(role))
+            self._loaded_role = role
+        return self._loaded
+
+    def evaluate(self, role: str, test, trajectories, over_refusal) -> dict:
+        preset = self.preset
+        empty = {b.id: Trajectory(behavior_id=b.id, source="none", token_ids=[])
+                 for behaviors in over_refusal.values() for b in behaviors}
+        rows = {"prefill": self._eval(role, "prefill", Prefill(depths=preset.depths), test, trajectories, "advbench"),
+                "insert": self._eval(role, "insert", Insert(after=[preset.insert_after],
+                                                            span_lengths=[preset.insert_length]),
+                                     test, trajectories, "advbench")}
+        for name, behaviors in over_refusal.items():
+            rows[name] = self._eval(role, name, Prefill(depths=[0]), behaviors, empty, name)
+        if preset.decoding:
+            rows["decoding"] = self._eval(role, "decoding", Decoding(samples=1), test, trajectories, "advbench")
+        return rows
+
+    def probe(self, role: str, test, trajectories) -> dict:
+        from trajalign.probe.direction import RefusalDirection, steering_effect
+
+        out = self.out / "probes" / role
+        if (out / "probe.json").exists():
+            return json.loads((out / "probe.json").read_text())
+        handle = self._handle(role)
+        config = ProbeConfig(model=self.model_spec(role), direction_prompts=self.preset.direction_prompts,
+                             layer_step=self.preset.layer_step, trajectory_tokens=self.preset.trajectory_tokens,
+                             eval_runs=[self.out / "evals" / role / "prefill"], out=out)
+        results = run_probe(config, handle=handle, behaviors=test, trajectories=trajectories,
+                            exclude_ids={b.id for b in test})
+        direction = RefusalDirection.load(out / "direction")
+        harmless = [b.prompt for b in load_behaviors("jbb-benign")[1::2][:16]]
+        results["steering"] = steering_effect(handle, direction, [b.prompt for b in test], harmless)
+        (out / "probe.json").write_text(json.dumps(results, indent=2))
+        return results
+
+
+def _rate(rows: list[dict], position: str) -> str:
+    row = next((row for row in rows if row["position"] == position), None)
+    if row is None:
+        return "–"
+    low, high = row["recovery_ci95"]
+    return f"{row['recovery_rate']:.0%} [{low:.0%}, {high:.0%}]"
+
+
+def summary_markdown(summary: dict) -> str:
+    results = summary["results"]
+    first = next(iter(results.values()))
+    depths = [row["position"] for row in first["prefill"]]
+    header = ["model", *[f"recover @{p.split('=')[1]}" if p != "depth=0" else "refuse @0" for p in depths],
+              "insertion", "XSTest safe refused", "everyday benign refused"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for role, rows in results.items():
+        cells = [role, *[_rate(rows["prefill"], p) for p in depths],
+                 _rate(rows["insert"], rows["insert"][0]["position"]),
+                 _rate(rows["xstest-safe"], "depth=0"), _rate(rows["everyday-benign"], "depth=0")]
+        lines.append("| " + " | ".join(cells) + " |")
+    text = [f"# trajalign reproduce --preset {summary['preset']}", "",
+            "Rates on held-out AdvBench behaviors (keyword judge, refusal beginning within 24 continuation tokens), "
+            "Wilson 95% intervals.", "", *lines, ""]
+    for role, probe in summary["probes"].items():
+        steering = probe.get("steering", {})
+        text.append(f"**{role}** refusal direction at layer {probe['direction']['layer']}: refusal on test harmful "
+                    f"{steering.get('harmful_refusal', float('nan')):.0%} -> "
+                    f"{steering.get('harmful_refusal_ablated', float('nan')):.0%} when ablated; on harmless "
+                    f"{steering.get('harmless_refusal', float('nan')):.0%} -> "
+                    f"{steering.get('harmless_refusal_added', float('nan')):.0%} when added.")
+        for run, rows in probe["predictivity"].items():
+            pooled = [row for row in rows if row["group"] == "pooled"]
+            text.append("  Predicting recovery (pooled over depths): " + "; ".join(
+                f"{row['score']} AUROC {row['auroc']:.2f} [{row['auroc_ci95'][0]:.2f}, {row['auroc_ci95'][1]:.2f}]"
+                for row in pooled))
+        text.append("")
+    text.append("Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items())
+                + f"; total {summary['total_s']:.0f} s.")
+    return "\n".join(text) + "\n"
+
+
+def reproduce(preset: str = "quick", out: Path = Path("runs/reproduce"), log=print) -> dict:
+    return Reproduction(preset, out, log).run()

@@ -1,0 +1,29 @@
+from trajalign.reproduce import PRESETS, benign_sets, split_behaviors, summary_markdown
+
+
+def test_split_is_by_behavior_and_fixed():
+    for preset in PRESETS.values():
+        train, test = split_behaviors(preset)
+        assert not {b.id for b in train} & {b.id for b in test}
+        assert len(train) == preset.train_behaviors and len(test) == preset.test_behaviors
+        assert [b.id for b in split_behaviors(preset)[1]] == [b.id for b in test]
+
+
+def test_over_refusal_prompts_are_never_trained_on():
+    anchors, evaluation = benign_sets(PRESETS["full"])
+    anchor_ids = {b.id for b in anchors}
+    for behaviors in evaluation.values():
+        assert not anchor_ids & {b.id for b in behaviors}
+        assert len(behaviors) == PRESETS["full"].over_refusal_prompts
+    assert all(b.dataset != "self-instruct-user" for b in anchors)
+
+
+def test_summary_markdown_reports_every_model_and_interval():
+    row = {"position": "depth=0", "recovery_rate": 0.5, "recovery_ci95": (0.2, 0.8)}
+    rows = {"prefill": [row, {**row, "position": "depth=5"}], "insert": [{**row, "position": "after=8,len=10"}],
+            "xstest-safe": [row], "everyday-benign": [row]}
+    summary = {"preset": "quick", "results": {"original": rows, "shallow": rows}, "probes": {},
+               "timings_s": {"trajectories": 3.0}, "total_s": 3.0}
+    text = summary_markdown(summary)
+    assert "| original |" in text and "| shallow |" in text and "50% [20%, 80%]" in text
+    assert "recover @5" in text
