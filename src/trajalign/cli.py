@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -248,6 +249,18 @@ def reproduce_command(
     stdout.print(f"total {summary['total_s']:.0f} s; details in {out}")
 
 
+@app.command("report")
+def report_command(
+    runs: list[Path] = typer.Argument(..., help="run directories (eval, probe or reproduce)"),
+    out: Path = typer.Option(Path("report/report.html"), help="HTML file; PNGs and summary.md go beside it"),
+    tokenizer: Optional[str] = typer.Option(None, help="model spec whose tokenizer decodes the injected spans"),
+) -> None:
+    """One self-contained HTML report with figures, tables, paired tests and example episodes."""
+    from trajalign.report import build_report
+
+    stdout.print(f"report written to {build_report(runs, out, tokenizer)}")
+
+
 def print_summary(rows: list[dict]) -> None:
     table = Table("model", "attack", "position", "n", "recovery", "95% CI", "attack success")
     for row in rows:
@@ -260,6 +273,8 @@ def print_summary(rows: list[dict]) -> None:
 
 def main() -> None:
     """Entry point: people get one-line errors and exit code 2 for bad input, never a traceback."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         app(standalone_mode=False)
     except TrajalignError as error:
@@ -270,15 +285,11 @@ def main() -> None:
     except KeyboardInterrupt:
         stderr.print("interrupted; re-run the same command to resume", markup=False)
         sys.exit(130)
-    except Exception as error:  # click usage errors and anything unexpected
-        import click
-
-        if isinstance(error, click.exceptions.ClickException):
-            error.show()
-            sys.exit(2)
-        if isinstance(error, click.exceptions.Abort):
-            sys.exit(130)
-        raise
+    except typer.Abort:
+        sys.exit(130)
+    except typer.TyperException as error:  # bad options or arguments
+        stderr.print(f"error: {error.format_message()} (see --help)", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -253,15 +253,14 @@ class Evaluation:
 
     def run(self, progress: Callable[[int, int], None] | None = None) -> dict:
         config = self.config
+        behaviors = self._behaviors or load_behaviors(config.dataset, self._columns(), config.limit)
+        handle = self.handle  # a bad model spec fails here, before anything is written
         write_config(config.out, config)
         log = EpisodeLog(config.out)
         done = {episode.episode_id for episode in log.load()}
-        behaviors = self._behaviors or load_behaviors(config.dataset, config.columns, config.limit)
-        trajectories = self._trajectories or load_trajectories(
-            config.trajectories, behaviors, self.handle, config.trajectory_tokens, config.batch_size,
-            cache_dir=config.out / "cache")
+        trajectories = self._trajectories or self._load_trajectories(behaviors)
         backend = self._backend()
-        planner = Planner(config, self.handle, backend)
+        planner = Planner(config, handle, backend)
         pairs = [(behavior, trajectories[behavior.id]) for behavior in behaviors]
         expected = {planner.key(b, position, sample): b
                     for b, t in pairs for position, sample in planner.positions(b, t)}
@@ -273,6 +272,7 @@ class Evaluation:
         pending = [(b, t) for b, t in pairs
                    if any(planner.key(b, p, s) not in done for p, s in planner.positions(b, t))]
         planned = [episode for episode in planner.plan(pending) if episode.key not in done] if pending else []
+        self._check_window(planned)
         by_key = {episode.key: episode for episode in planned}
         judges = self._judges()
         finished = len(expected) - len(planned)
@@ -288,6 +288,21 @@ class Evaluation:
         episodes = [episode for episode in log.load() if episode.episode_id in expected]
         return write_summary(config.out, episodes, {"skipped_short_trajectory": skipped})
 
+    def _columns(self) -> ColumnMap:
+        """`column:NAME` trajectories read NAME as each behavior's reference answer."""
+        source = self.config.trajectories
+        name = source.split(":", 1)[1] if source.startswith("column:") else None
+        if name in (None, "target", "reference") or self.config.columns.reference is not None:
+            return self.config.columns
+        return self.config.columns.model_copy(update={"reference": name})
+
+    def _load_trajectories(self, behaviors: list[Behavior]) -> dict[str, Trajectory]:
+        attack = self.config.attack
+        if isinstance(attack, Decoding) or (isinstance(attack, Prefill) and attack.depths == [0]):
+            return {b.id: Trajectory(behavior_id=b.id, source="unused", token_ids=[]) for b in behaviors}
+        return load_trajectories(self.config.trajectories, behaviors, self.handle, self.config.trajectory_tokens,
+                                 self.config.batch_size, cache_dir=self.config.out / "cache")
+
     def _all_labels(self, behavior: Behavior) -> list:
         attack = self.config.attack
         if isinstance(attack, Prefill):
@@ -295,6 +310,14 @@ class Evaluation:
         if isinstance(attack, Insert):
             return [(a, length) for a in attack.points_for(behavior.id) for length in attack.lengths()]
         return [None] * (len(attack.settings()) * attack.samples if isinstance(attack, Decoding) else 1)
+
+    def _check_window(self, planned: list[PlannedEpisode]) -> None:
+        window = getattr(self.handle.model.config, "max_position_embeddings", None)
+        for episode in planned:
+            needed = len(episode.request.context) + episode.request.max_new_tokens
+            if window and needed > window:
+                raise InputError(f"dataset '{episode.behavior.dataset}' behavior '{episode.behavior.id}': context "
+                                 f"plus continuation need {needed} tokens, over the model's window of {window}")
 
     def _check_depths(self, pairs) -> None:
         attack = self.config.attack

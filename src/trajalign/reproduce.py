@@ -42,7 +42,7 @@ class Preset(BaseModel):
 
 
 PRESETS = {
-    "quick": Preset(train_behaviors=96, test_behaviors=20, trajectory_tokens=40, anchors=64, anchor_tokens=48,
+    "quick": Preset(train_behaviors=64, test_behaviors=20, trajectory_tokens=40, anchors=48, anchor_tokens=48,
                     epochs=2),
     "full": Preset(train_behaviors=160, test_behaviors=40, trajectory_tokens=48, anchors=120, anchor_tokens=64,
                    epochs=2, over_refusal_prompts=40, decoding=True, direction_prompts=32, layer_step=3),
@@ -133,7 +133,7 @@ class Reproduction:
                      trajectories=trajectories, cache_dir=self.out / "cache")
 
     def _eval(self, role: str, name: str, attack, behaviors: list[Behavior],
-              trajectories: dict[str, Trajectory], dataset: str) -> list[dict]:
+              trajectories: dict[str, Trajectory] | None, dataset: str) -> list[dict]:
         config = EvalConfig(model=self.model_spec(role), dataset=dataset, trajectories=f"model:{DEFAULT_MODEL}",
                             trajectory_tokens=self.preset.trajectory_tokens, attack=attack,
                             max_new_tokens=CONTINUATION_TOKENS, out=self.out / "evals" / role / name)
@@ -148,16 +148,14 @@ class Reproduction:
 
     def evaluate(self, role: str, test, trajectories, over_refusal) -> dict:
         preset = self.preset
-        empty = {b.id: Trajectory(behavior_id=b.id, source="none", token_ids=[])
-                 for behaviors in over_refusal.values() for b in behaviors}
         rows = {"prefill": self._eval(role, "prefill", Prefill(depths=preset.depths), test, trajectories, "advbench"),
                 "insert": self._eval(role, "insert", Insert(after=[preset.insert_after],
                                                             span_lengths=[preset.insert_length]),
                                      test, trajectories, "advbench")}
         for name, behaviors in over_refusal.items():
-            rows[name] = self._eval(role, name, Prefill(depths=[0]), behaviors, empty, name)
+            rows[name] = self._eval(role, name, Prefill(depths=[0]), behaviors, None, name)
         if preset.decoding:
-            rows["decoding"] = self._eval(role, "decoding", Decoding(samples=1), test, trajectories, "advbench")
+            rows["decoding"] = self._eval(role, "decoding", Decoding(samples=1), test, None, "advbench")
         return rows
 
     def probe(self, role: str, test, trajectories) -> dict:

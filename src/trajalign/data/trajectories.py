@@ -85,8 +85,7 @@ def load_trajectories(source: str, behaviors: list[Behavior], target, max_tokens
         return _from_text(behaviors, "target", target, source)
     if source.startswith("column:"):
         column = source.split(":", 1)[1]
-        return _from_text(behaviors, "reference" if column not in ("target", "reference") else column, target,
-                          source)
+        return _from_text(behaviors, column if column == "target" else "reference", target, source)
     if source.startswith("model:"):
         spec = source.split(":", 1)[1]
         if spec == target.spec:

@@ -149,6 +149,11 @@ def run_training(config: TrainConfig, handle=None, harmful: list[Behavior] | Non
     harmful = harmful if harmful is not None else load_behaviors(config.harmful, limit=config.harmful_limit)
     benign = benign if benign is not None else load_benign(config.benign, config.benign_limit)
     rows = prepare_rows(config, handle, harmful, benign, cache_dir or out / "cache", trajectories)
+    window = getattr(handle.model.config, "max_position_embeddings", None)
+    too_long = next((row for row in rows if window and len(row.input_ids) > window), None)
+    if too_long is not None:
+        raise InputError(f"behavior '{too_long.behavior_id}': a {too_long.kind} training row of "
+                         f"{len(too_long.input_ids)} tokens exceeds the model's window of {window}")
     if is_main:
         with open(out / "rows.jsonl", "w", encoding="utf-8") as handle_rows:
             handle_rows.writelines(row.model_dump_json() + "\n" for row in rows)
@@ -175,6 +180,7 @@ def run_training(config: TrainConfig, handle=None, harmful: list[Behavior] | Non
         bf16=on_gpu and config.dtype == "bfloat16",
         dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False, max_length=None,
         dataloader_num_workers=0, disable_tqdm=not is_main, ddp_find_unused_parameters=False,
+        train_sampling_strategy="group_by_length",  # similar lengths per batch: less compute spent on padding
     )
     pad_id = handle.tokenizer.pad_token_id
     trainer = _trainer_class()(

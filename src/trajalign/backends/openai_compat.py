@@ -1,0 +1,84 @@
+"""Generation on any OpenAI-compatible `/v1/completions` server (vLLM, SGLang, llama.cpp).
+
+Contexts are rendered locally, token-exactly, and sent as token ids. A server that refuses ids gets the text
+of the context instead, which is exact only where the server's tokenizer splits it the same way; such results
+are flagged. Requests for one trajectory go deepest branch first, so the first one caches the whole trunk and
+every shallower branch is a pure prefix hit, whatever the server's cache granularity (vLLM's automatic prefix
+caching by blocks, llama.cpp's per-slot common-prefix reuse).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
+
+from trajalign.backends.base import GenerationRequest, GenerationResult
+from trajalign.errors import InputError, TrajalignError
+from trajalign.http import JSONClient
+
+
+class OpenAICompatBackend:
+    name = "openai"
+
+    def __init__(self, handle, base_url: str | None = None, served_model: str | None = None,
+                 api_key_env: str = "OPENAI_API_KEY", concurrency: int = 4, timeout_s: float = 120.0,
+                 retries: int = 3, token_ids: bool | None = None):
+        if not base_url or not served_model:
+            raise InputError("the openai backend needs --base-url (ending in /v1) and --served-model")
+        self.handle = handle
+        self.served_model = served_model
+        self.client = JSONClient(base_url, api_key=os.environ.get(api_key_env), timeout_s=timeout_s,
+                                 retries=retries)
+        self.concurrency = concurrency
+        self.send_token_ids = token_ids  # None: find out from the server on the first request
+        self.stop_ids = set(handle.chat.end_of_turn_ids)
+
+    @staticmethod
+    def order(requests: list[GenerationRequest]) -> list[GenerationRequest]:
+        """All branches of a trunk together, deepest first."""
+        first_seen = {}
+        for index, request in enumerate(requests):
+            first_seen.setdefault(tuple(request.trunk), index)
+        return sorted(requests, key=lambda r: (first_seen[tuple(r.trunk)], -len(r.context)))
+
+    def _payload(self, request: GenerationRequest, as_ids: bool) -> dict:
+        sampling = request.sampling
+        payload = {"model": self.served_model, "max_tokens": request.max_new_tokens,
+                   "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed,
+                   "prompt": request.context if as_ids else self.handle.tokenizer.decode(request.context),
+                   "logprobs": 1, "return_token_ids": True}
+        if sampling.top_k:
+            payload["top_k"] = sampling.top_k
+        return payload
+
+    def _complete(self, request: GenerationRequest) -> GenerationResult:
+        started = time.perf_counter()
+        if self.send_token_ids is None:
+            try:
+                reply = self.client.post("/completions", self._payload(request, as_ids=True))
+                self.send_token_ids = True
+            except TrajalignError as error:
+                if "HTTP 4" not in str(error):
+                    raise
+                self.send_token_ids = False
+                reply = self.client.post("/completions", self._payload(request, as_ids=False))
+        else:
+            reply = self.client.post("/completions", self._payload(request, as_ids=self.send_token_ids))
+        choice = reply["choices"][0]
+        ids = choice.get("token_ids") or self.handle.tokenizer(choice["text"], add_special_tokens=False)["input_ids"]
+        ids = [token for token in ids if token not in self.stop_ids]
+        finish = "eos" if choice.get("finish_reason") == "stop" else "length"
+        return GenerationResult(key=request.key, continuation_ids=list(ids), finish_reason=finish,
+                                seconds=time.perf_counter() - started)
+
+    def generate(self, requests: list[GenerationRequest]) -> Iterator[list[GenerationResult]]:
+        ordered = self.order(requests)
+        if ordered and self.send_token_ids is None:  # settle the prompt format before going concurrent
+            yield [self._complete(ordered[0])]
+            ordered = ordered[1:]
+        batch_size = self.concurrency * 4
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            for start in range(0, len(ordered), batch_size):
+                yield list(pool.map(self._complete, ordered[start:start + batch_size]))

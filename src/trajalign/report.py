@@ -1,0 +1,369 @@
+"""`trajalign report`: one self-contained HTML page (figures inline), PNGs beside it, and summary.md.
+
+Model output and dataset text are data: every string from a record is HTML-escaped, and a Content-Security-Policy
+forbids scripts and any fetch, so the page makes no network request and nothing in it can run.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections import defaultdict
+from pathlib import Path
+
+from trajalign.errors import InputError
+from trajalign.records import Episode
+from trajalign.runs import EPISODES_FILE, EpisodeLog
+from trajalign.stats import mcnemar_exact, wilson_interval
+
+# Okabe-Ito: distinguishable with colour-blindness; markers and dashes keep curves apart in grey-scale too.
+PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
+DASHES = ["-", "--", "-.", ":", "-", "--", "-."]
+BENIGN_DATASETS = {"xstest-safe", "jbb-benign", "self-instruct-seed", "self-instruct-user", "everyday-benign", "xstest"}
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+
+def collect_episodes(runs: list[Path]) -> list[Episode]:
+    episodes = []
+    for run in runs:
+        run = Path(run)
+        files = sorted(run.rglob(EPISODES_FILE)) if run.is_dir() else []
+        if not files:
+            raise InputError(f"{run}: no {EPISODES_FILE} in this run directory or below it")
+        for file in files:
+            episodes += EpisodeLog(file.parent).load()
+    return episodes
+
+
+def _model_name(spec: str) -> str:
+    return Path(spec).name if "/" in spec else spec
+
+
+def _figure_png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise InputError("the report needs matplotlib: pip install 'trajalign[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _harmful(episodes: list[Episode]) -> list[Episode]:
+    return [e for e in episodes if e.dataset not in BENIGN_DATASETS]
+
+
+def depth_figure(episodes: list[Episode]):
+    plt = _pyplot()
+    groups: dict[str, dict[int, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    for episode in _harmful(episodes):
+        if episode.attack_kind == "prefill" and episode.defense is None:
+            groups[_model_name(episode.model)][episode.depth].append(episode.recovered)
+    if not groups:
+        return None
+    figure, axis = plt.subplots(figsize=(6.4, 3.8))
+    for index, (model, by_depth) in enumerate(sorted(groups.items())):
+        depths = sorted(by_depth)
+        rates = [sum(by_depth[d]) / len(by_depth[d]) for d in depths]
+        bands = [wilson_interval(sum(by_depth[d]), len(by_depth[d])) for d in depths]
+        colour = PALETTE[index % len(PALETTE)]
+        axis.plot(depths, rates, DASHES[index % 7], marker=MARKERS[index % 7], color=colour, label=model)
+        axis.fill_between(depths, [b[0] for b in bands], [b[1] for b in bands], color=colour, alpha=0.15)
+    axis.set_xlabel("prefill depth k (target-model tokens)")
+    axis.set_ylabel("recovery rate (refusal in continuation)")
+    axis.set_ylim(-0.02, 1.02)
+    axis.legend(frameon=False)
+    axis.grid(alpha=0.3)
+    return figure
+
+
+def insertion_figure(episodes: list[Episode]):
+    plt = _pyplot()
+    cells: dict[str, dict[tuple[str, str], list[bool]]] = defaultdict(lambda: defaultdict(list))
+    for episode in _harmful(episodes):
+        if episode.attack_kind == "insert" and "len=" in episode.position:
+            after, length = (part.split("=")[1] for part in episode.position.split(","))
+            cells[_model_name(episode.model)][(after, length)].append(episode.recovered)
+    if not cells:
+        return None
+    figure, axes = plt.subplots(1, len(cells), figsize=(3.2 * len(cells) + 0.8, 3), squeeze=False)
+    for axis, (model, grid) in zip(axes[0], sorted(cells.items())):
+        afters = sorted({a for a, _ in grid}, key=int)
+        lengths = sorted({b for _, b in grid}, key=int)
+        values = [[sum(grid[(a, b)]) / len(grid[(a, b)]) if (a, b) in grid else float("nan") for a in afters]
+                  for b in lengths]
+        image = axis.imshow(values, vmin=0, vmax=1, cmap="cividis", origin="lower", aspect="auto")
+        for row, length in enumerate(lengths):
+            for column, after in enumerate(afters):
+                axis.text(column, row, f"{values[row][column]:.0%}", ha="center", va="center",
+                          color="white" if values[row][column] < 0.5 else "black", fontsize=9)
+        axis.set_xticks(range(len(afters)), afters)
+        axis.set_yticks(range(len(lengths)), lengths)
+        axis.set_xlabel("own tokens before insertion (j)")
+        axis.set_ylabel("inserted tokens (L)")
+        axis.set_title(model, fontsize=10)
+    figure.colorbar(image, ax=axes[0].tolist(), label="recovery rate")
+    return figure
+
+
+def decoding_figure(episodes: list[Episode]):
+    plt = _pyplot()
+    groups: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    for episode in _harmful(episodes):
+        if episode.attack_kind == "decoding":
+            groups[_model_name(episode.model)][episode.position].append(not episode.recovered)
+    if not groups:
+        return None
+    settings = sorted({s for g in groups.values() for s in g})
+    figure, axis = plt.subplots(figsize=(max(6, 0.6 * len(settings) * len(groups)), 3.6))
+    width = 0.8 / len(groups)
+    for index, (model, by_setting) in enumerate(sorted(groups.items())):
+        rates = [sum(by_setting[s]) / len(by_setting[s]) if s in by_setting else 0 for s in settings]
+        axis.bar([i + index * width for i in range(len(settings))], rates, width, label=model,
+                 color=PALETTE[index % 7], hatch=["", "//", "..", "xx"][index % 4], edgecolor="black", linewidth=0.4)
+    axis.set_xticks([i + width * (len(groups) - 1) / 2 for i in range(len(settings))], settings, rotation=45,
+                    ha="right", fontsize=8)
+    axis.set_ylabel("attack success rate")
+    axis.set_ylim(0, 1)
+    axis.legend(frameon=False)
+    return figure
+
+
+def over_refusal_figure(episodes: list[Episode]):
+    plt = _pyplot()
+    groups: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    for episode in episodes:
+        if episode.dataset in BENIGN_DATASETS and episode.depth == 0 and episode.attack_kind == "prefill":
+            groups[_model_name(episode.model)][episode.dataset].append(episode.recovered)
+    if not groups:
+        return None
+    datasets = sorted({d for g in groups.values() for d in g})
+    figure, axis = plt.subplots(figsize=(6, 3.4))
+    width = 0.8 / len(groups)
+    for index, (model, by_dataset) in enumerate(sorted(groups.items())):
+        rates = [sum(by_dataset[d]) / len(by_dataset[d]) if d in by_dataset else 0 for d in datasets]
+        axis.bar([i + index * width for i in range(len(datasets))], rates, width, label=model,
+                 color=PALETTE[index % 7], hatch=["", "//", "..", "xx"][index % 4], edgecolor="black", linewidth=0.4)
+    axis.set_xticks([i + width * (len(groups) - 1) / 2 for i in range(len(datasets))], datasets)
+    axis.set_ylabel("share of benign prompts refused")
+    axis.set_ylim(0, 1)
+    axis.legend(frameon=False)
+    return figure
+
+
+def probe_figure(probe_dirs: list[Path], episodes: list[Episode]):
+    """Refusal-onset score along the trajectory, split by whether the prefill episode recovered."""
+    from trajalign.probe.run import load_readings
+
+    plt = _pyplot()
+    panels = []
+    for directory in probe_dirs:
+        readings = {(r.behavior_id, r.depth): r for r in load_readings(directory)}
+        model_dir = directory.name
+        outcomes = defaultdict(lambda: defaultdict(list))
+        for episode in episodes:
+            if episode.attack_kind == "prefill" and _model_name(episode.model) == model_dir \
+                    and (episode.behavior_id, episode.depth) in readings and episode.dataset not in BENIGN_DATASETS:
+                outcomes[episode.recovered][episode.depth].append(readings[(episode.behavior_id, episode.depth)])
+        if outcomes:
+            panels.append((model_dir, outcomes))
+    if not panels:
+        return None
+    import numpy as np
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for axis, (model, outcomes) in zip(axes[0], panels):
+        for index, recovered in enumerate((True, False)):
+            by_depth = outcomes.get(recovered, {})
+            depths = sorted(by_depth)
+            if not depths:
+                continue
+            values = [np.array([r.onset_score for r in by_depth[d]]) for d in depths]
+            means = [v.mean() for v in values]
+            spread = [v.std() for v in values]
+            colour = PALETTE[index]
+            axis.plot(depths, means, DASHES[index], marker=MARKERS[index], color=colour,
+                      label="recovered" if recovered else "not recovered")
+            axis.fill_between(depths, np.subtract(means, spread), np.add(means, spread), color=colour, alpha=0.15)
+        axis.set_title(model, fontsize=10)
+        axis.set_xlabel("depth k")
+        axis.set_ylabel("refusal-onset log-probability")
+        axis.legend(frameon=False, fontsize=8)
+    return figure
+
+
+def comparison_rows(episodes: list[Episode]) -> list[dict]:
+    """Models x attacks, with exact McNemar tests between each pair of models on the same episodes."""
+    outcome: dict[str, dict[tuple, bool]] = defaultdict(dict)
+    for episode in episodes:
+        key = (episode.dataset, episode.behavior_id, episode.attack_kind, episode.position, episode.sample,
+               episode.defense)
+        outcome[_model_name(episode.model)][key] = episode.recovered
+    models = sorted(outcome)
+    rows = []
+    for index, first in enumerate(models):
+        for second in models[index + 1:]:
+            shared = set(outcome[first]) & set(outcome[second])
+            by_attack = defaultdict(list)
+            for key in shared:
+                by_attack[(key[0], key[2])].append((outcome[first][key], outcome[second][key]))
+            for (dataset, attack), pairs in sorted(by_attack.items()):
+                only_first = sum(a and not b for a, b in pairs)
+                only_second = sum(b and not a for a, b in pairs)
+                rows.append({"first": first, "second": second, "dataset": dataset, "attack": attack, "n": len(pairs),
+                             "first_rate": sum(a for a, _ in pairs) / len(pairs),
+                             "second_rate": sum(b for _, b in pairs) / len(pairs),
+                             "only_first": only_first, "only_second": only_second,
+                             "p_value": mcnemar_exact(only_first, only_second)})
+    return rows
+
+
+def rate_table(episodes: list[Episode]) -> list[dict]:
+    groups = defaultdict(list)
+    for episode in episodes:
+        groups[(_model_name(episode.model), episode.dataset, episode.attack_kind, episode.defense or "")].append(
+            episode.recovered)
+    rows = []
+    for (model, dataset, attack, defense), values in sorted(groups.items()):
+        low, high = wilson_interval(sum(values), len(values))
+        rows.append({"model": model, "dataset": dataset, "attack": attack + (f"+{defense}" if defense else ""),
+                     "n": len(values), "rate": sum(values) / len(values), "low": low, "high": high})
+    return rows
+
+
+def _marked_answer(episode: Episode, decode) -> str:
+    """The assistant turn with injected spans in <mark>, the continuation in <ins>; every piece escaped."""
+    pieces, cursor = [], episode.answer_start
+    for start, end in sorted(episode.injected_spans):
+        if start > cursor:
+            pieces.append(html.escape(decode(episode.context_ids[cursor:start])))
+        pieces.append(f"<mark>{html.escape(decode(episode.context_ids[start:end]))}</mark>")
+        cursor = end
+    if cursor < len(episode.context_ids):
+        pieces.append(html.escape(decode(episode.context_ids[cursor:])))
+    pieces.append(f"<ins>{html.escape(episode.continuation_text)}</ins>")
+    return "".join(pieces)
+
+
+def example_html(episodes: list[Episode], decode, per_model: int = 3) -> str:
+    by_model = defaultdict(list)
+    for episode in _harmful(episodes):
+        if episode.injected_spans:
+            by_model[_model_name(episode.model)].append(episode)
+    blocks = []
+    for model, members in sorted(by_model.items()):
+        chosen = sorted(members, key=lambda e: (e.recovered, e.behavior_id))[:per_model]
+        for episode in chosen:
+            verdict = "recovered" if episode.recovered else "did not recover"
+            answer = _marked_answer(episode, decode)
+            blocks.append(
+                f"<details class='episode'><summary>{html.escape(model)} · {html.escape(episode.attack_kind)} "
+                f"{html.escape(episode.position)} · <b>{verdict}</b> · {html.escape(episode.prompt[:90])}</summary>"
+                f"<p class='prompt'>{html.escape(episode.prompt)}</p><pre>{answer}</pre></details>")
+    return "\n".join(blocks)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ").replace("<", "&lt;")
+
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:3px 8px;font-size:14px}
+th{background:#eee}img{max-width:100%}mark{background:#ffd27f}ins{text-decoration:none;background:#cfe8ff}
+pre{white-space:pre-wrap;background:#f6f6f6;padding:8px;max-height:18em;overflow:auto}
+details.episode{margin:.4em 0;border:1px solid #ddd;padding:4px}"""
+
+
+def build_report(runs: list[Path], out_file: Path, tokenizer_spec: str | None = None) -> Path:
+    """Write the HTML report, its PNGs and summary.md next to `out_file`."""
+    episodes = collect_episodes(runs)
+    if not episodes:
+        raise InputError(f"{', '.join(map(str, runs))}: no episodes to report")
+    decode = _decoder(episodes, tokenizer_spec)
+    probe_dirs = sorted({p.parent for run in runs for p in Path(run).rglob("readings.jsonl")})
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    plt = _pyplot()
+    figures = [("Recovery against injection depth", "recovery_by_depth", depth_figure(episodes)),
+               ("Insertion attack: recovery by insertion point and span length", "insertion_heatmap",
+                insertion_figure(episodes)),
+               ("Decoding sweep: attack success per setting", "decoding_sweep", decoding_figure(episodes)),
+               ("Probe: refusal-onset score along the trajectory", "probe_onset", probe_figure(probe_dirs, episodes)),
+               ("Over-refusal on benign prompts", "over_refusal", over_refusal_figure(episodes))]
+    sections = []
+    for title, name, figure in figures:
+        if figure is None:
+            continue
+        png = _figure_png(figure)
+        plt.close(figure)
+        (out_file.parent / f"{name}.png").write_bytes(png)
+        sections.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
+                        f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+    rates = rate_table(episodes)
+    comparisons = comparison_rows(episodes)
+    sections.append("<h2>Models × attacks</h2><p>Rate = recovery on harmful prompts, refusal on benign ones.</p>"
+                    + _table(["model", "dataset", "attack", "n", "rate", "95% CI"],
+                             [[html.escape(r["model"]), html.escape(r["dataset"]), html.escape(r["attack"]),
+                               str(r["n"]), f"{r['rate']:.1%}", f"{r['low']:.0%}–{r['high']:.0%}"] for r in rates]))
+    if comparisons:
+        sections.append("<h2>Paired comparisons (exact McNemar)</h2>" + _table(
+            ["model A", "model B", "dataset", "attack", "n pairs", "A", "B", "only A", "only B", "p"],
+            [[html.escape(c["first"]), html.escape(c["second"]), html.escape(c["dataset"]), html.escape(c["attack"]),
+              str(c["n"]), f"{c['first_rate']:.0%}", f"{c['second_rate']:.0%}", str(c["only_first"]),
+              str(c["only_second"]), f"{c['p_value']:.3g}"] for c in comparisons]))
+    sections.append("<h2>Example episodes</h2><p><mark>injected</mark> · <ins>model continuation</ins></p>"
+                    + example_html(episodes, decode))
+    page = (f"<!doctype html><html><head><meta charset='utf-8'>"
+            f"<meta http-equiv='Content-Security-Policy' content=\"{CSP}\"><title>trajalign report</title>"
+            f"<style>{STYLE}</style></head><body><h1>trajalign report</h1>"
+            f"<p>{len(episodes)} episodes from {html.escape(', '.join(map(str, runs)))}</p>"
+            + "\n".join(sections) + "</body></html>")
+    out_file.write_text(page, encoding="utf-8")
+    _write_markdown(out_file.parent / "summary.md", rates, comparisons)
+    return out_file
+
+
+def _write_markdown(path: Path, rates: list[dict], comparisons: list[dict]) -> None:
+    lines = ["| model | dataset | attack | n | rate | 95% CI |", "|---|---|---|---|---|---|"]
+    lines += [f"| {_md_cell(r['model'])} | {_md_cell(r['dataset'])} | {_md_cell(r['attack'])} | {r['n']} | "
+              f"{r['rate']:.1%} | {r['low']:.0%}–{r['high']:.0%} |" for r in rates]
+    if comparisons:
+        lines += ["", "| A | B | dataset | attack | n | A | B | p (McNemar) |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {_md_cell(c['first'])} | {_md_cell(c['second'])} | {_md_cell(c['dataset'])} | "
+                  f"{_md_cell(c['attack'])} | {c['n']} | {c['first_rate']:.0%} | {c['second_rate']:.0%} | "
+                  f"{c['p_value']:.3g} |" for c in comparisons]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _decoder(episodes: list[Episode], tokenizer_spec: str | None):
+    """Decode ids with the tokenizer of the episodes' model (only the tokenizer is loaded)."""
+    from transformers import AutoTokenizer
+
+    from trajalign.models.loading import embedded_model_dir, is_pulled
+    from trajalign.models.registry import EMBEDDED_MODELS
+
+    spec = tokenizer_spec or episodes[0].model
+    if spec in EMBEDDED_MODELS:
+        if not is_pulled(spec):
+            return lambda ids: f"[{len(ids)} tokens]"
+        spec = str(embedded_model_dir(spec))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError):
+        return lambda ids: f"[{len(ids)} tokens]"
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)

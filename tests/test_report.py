@@ -1,0 +1,100 @@
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from trajalign.attacks import Decoding, Insert, Prefill
+from trajalign.evaluate import EvalConfig, Evaluation
+from trajalign.records import Episode
+from trajalign.report import build_report
+from trajalign.runs import EpisodeLog
+from trajalign.testing import save_tiny_model
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None and not __import__("os").environ.get("CI"),
+                                    reason="chromium is not installed (CI installs it)")
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    from trajalign.models import load_model
+
+    root = tmp_path_factory.mktemp("runs")
+    for seed, name in ((0, "model-a"), (1, "model-b")):
+        save_tiny_model(root / name, seed=seed)
+        handle = load_model(str(root / name))
+        for attack in (Prefill(depths=[0, 2, 4]), Insert(after=[1, 3], span_lengths=[2, 4]),
+                       Decoding(temperatures=[1.0], top_ps=[1.0], top_ks=[0], samples=2)):
+            config = EvalConfig(model=str(root / name), dataset="advbench", limit=4, trajectories="target",
+                                attack=attack, max_new_tokens=6, out=root / f"run-{name}" / attack.kind)
+            Evaluation(config, handle=handle).run()
+        config = EvalConfig(model=str(root / name), dataset="xstest-safe", limit=3, trajectories="target",
+                            attack=Prefill(depths=[0]), max_new_tokens=6, out=root / f"run-{name}" / "benign")
+        Evaluation(config, handle=handle).run()
+    return [root / "run-model-a", root / "run-model-b"]
+
+
+def render(path, tmp_path, *extra):
+    """Load the page in headless Chromium; returns the DOM after load."""
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+               "--virtual-time-budget=3000", *extra, path.as_uri()]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_report_has_every_section_and_no_external_reference(two_runs, tmp_path):
+    page = build_report(two_runs, tmp_path / "report.html")
+    text = page.read_text()
+    for title in ("Recovery against injection depth", "Insertion attack", "Decoding sweep", "Over-refusal",
+                  "Models × attacks", "Paired comparisons", "Example episodes"):
+        assert title in text
+    assert {p.name for p in tmp_path.glob("*.png")} >= {"recovery_by_depth.png", "insertion_heatmap.png"}
+    references = re.findall(r"""(?:src|href|url)\s*[=(]\s*['"]?([^'")\s>]+)""", text)
+    assert references and all(ref.startswith("data:") for ref in references)
+    assert "default-src 'none'" in text
+    assert "| model-a |" in (tmp_path / "summary.md").read_text()
+
+
+@needs_chromium
+def test_report_renders_in_chromium(two_runs, tmp_path):
+    page = build_report(two_runs, tmp_path / "report.html")
+    dom = render(page, tmp_path, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert dom.stdout.count("<img") >= 4 and "<table>" in dom.stdout
+    shot = render(page, tmp_path, "--window-size=1200,2400", f"--screenshot={tmp_path / 'shot.png'}")
+    assert shot.returncode == 0
+    from PIL import Image
+
+    image = Image.open(tmp_path / "shot.png").convert("RGB")
+    colours = dict((colour, count) for count, colour in image.getcolors(maxcolors=1 << 24))
+    blue = colours.get((0, 114, 178), 0)  # the first curve's colour, #0072B2
+    assert blue > 200, blue  # the figures were decoded and painted, not just referenced
+
+
+def hostile_run(tmp_path):
+    payload = "<script>document.title='owned'</script><img src=x onerror=alert(1)><b>bold</b> | pipe"
+    episode = Episode(episode_id="x", model="m<script>", behavior_id="b", dataset="advbench",
+                      prompt=f"prompt {payload}", attack={}, attack_kind="prefill", position="depth=1", depth=1,
+                      context_ids=[1, 2, 3], answer_start=1, injected_spans=[(1, 2)], continuation_ids=[4],
+                      continuation_text=payload, finish_reason="eos", recovered=False)
+    EpisodeLog(tmp_path / "run").append([episode])
+    return tmp_path / "run"
+
+
+def test_hostile_output_is_escaped(tmp_path):
+    page = build_report([hostile_run(tmp_path)], tmp_path / "out" / "report.html")
+    text = page.read_text()
+    assert "<script>" not in text and "onerror=alert" not in text.replace("onerror=alert(1)&gt;", "")
+    assert "&lt;script&gt;" in text and "&lt;b&gt;bold&lt;/b&gt;" in text
+    assert "\\| pipe" in (tmp_path / "out" / "summary.md").read_text() or "pipe" not in (
+        tmp_path / "out" / "summary.md").read_text()
+
+
+@needs_chromium
+def test_hostile_output_renders_inert(tmp_path):
+    page = build_report([hostile_run(tmp_path)], tmp_path / "out" / "report.html")
+    dom = render(page, tmp_path, "--dump-dom").stdout
+    assert "<title>trajalign report</title>" in dom  # the injected script did not run
+    assert "<b>bold</b>" not in dom and "&lt;b&gt;bold&lt;/b&gt;" in dom
+    assert "<img src=\"x\"" not in dom
