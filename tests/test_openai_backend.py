@@ -1,6 +1,6 @@
 import pytest
-
 from fake_openai_server import FakeCompletionsServer
+
 from trajalign.attacks import Prefill
 from trajalign.backends.base import GenerationRequest
 from trajalign.backends.hf import HFBackend

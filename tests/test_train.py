@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from trajalign.judges import starts_refusal
 from trajalign.testing import save_tiny_model, tiny_handle
-from trajalign.train.losses import ConstrainedSettings, constrained_loss, label_log_probs
+from trajalign.train.losses import ConstrainedSettings, constrained_loss, label_log_probs, trained_positions
 from trajalign.train.recipes import IGNORE, RecipeConfig, RowBuilder, build_rows
 from trajalign.train.trainer import TrainConfig, run_training
 
@@ -81,16 +81,24 @@ def test_constrained_loss_tends_to_cross_entropy_gradient():
     logits = torch.randn(2, 7, 11, requires_grad=True)
     labels = torch.tensor([[-100, -100, 3, 4, 5, 6, 1], [-100, 2, 2, 8, -100, -100, -100]])
     reference = torch.randn(2, 7, 11)
-    policy, mask = label_log_probs(logits, labels)
-    ref, _ = label_log_probs(reference, labels)
+    positions, targets = trained_positions(labels)
+    policy, mask = label_log_probs(logits[:, positions], targets)
+    ref, _ = label_log_probs(reference[:, positions], targets)
     tiny_beta = ConstrainedSettings(beta_first=1e-5, beta_early=1e-5, beta_late=1e-5)
     (constrained_gradient,) = torch.autograd.grad(constrained_loss(policy, ref, mask, tiny_beta), logits)
     cross_entropy = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1))
     (ce_gradient,) = torch.autograd.grad(cross_entropy, logits)
     torch.testing.assert_close(constrained_gradient, ce_gradient, atol=1e-5, rtol=1e-3)
-    policy, mask = label_log_probs(logits, labels)
+    policy, mask = label_log_probs(logits[:, positions], targets)
     strong = constrained_loss(policy, ref, mask, ConstrainedSettings())
     assert torch.isfinite(strong)
+
+
+def test_trained_positions_cover_exactly_the_labels():
+    labels = torch.tensor([[-100, -100, 5, 6], [-100, 7, -100, -100]])
+    positions, targets = trained_positions(labels)
+    assert positions.tolist() == [0, 1, 2]
+    assert targets.tolist() == [[-100, 5, 6], [7, -100, -100]]
 
 
 def test_beta_schedule_follows_qi_et_al():
@@ -99,7 +107,7 @@ def test_beta_schedule_follows_qi_et_al():
 
 
 def tiny_config(tmp_path, **fields) -> TrainConfig:
-    defaults = dict(model="tiny", harmful_limit=32, benign=["self-instruct-seed"], benign_limit=24,
+    defaults = dict(model="tiny", harmful_limit=32, benign=["jbb-benign"], benign_limit=24,
                     trajectories="target", trajectory_tokens=12, anchor_tokens=8, batch_size=8,
                     learning_rate=3e-3, epochs=1, out=tmp_path / "model")
     return TrainConfig(**{**defaults, **fields})

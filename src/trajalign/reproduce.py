@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from trajalign.attacks import Decoding, Insert, Prefill
 from trajalign.data.datasets import Behavior, load_behaviors
 from trajalign.data.trajectories import Trajectory, load_trajectories
+from trajalign.errors import InputError
 from trajalign.evaluate import EvalConfig, Evaluation
 from trajalign.models.loading import load_model
 from trajalign.models.registry import DEFAULT_MODEL
@@ -49,6 +50,7 @@ PRESETS = {
 }
 ROLES = ("original", "shallow", "trajectory")
 CONTINUATION_TOKENS = 32  # the judge reads the first 24
+MAX_ANCHOR_PROMPT_CHARS = 300
 
 
 def split_behaviors(preset: Preset, seed: int = 0) -> tuple[list[Behavior], list[Behavior]]:
@@ -61,7 +63,8 @@ def benign_sets(preset: Preset) -> tuple[list[Behavior], dict[str, list[Behavior
     """Anchors train on Self-Instruct seed tasks and half of JBB benign; over-refusal is measured on the other
     half, the Self-Instruct user tasks (evaluation-only) and XSTest's safe prompts, spread over their types."""
     jbb = load_behaviors("jbb-benign")
-    seed_tasks = load_behaviors("self-instruct-seed")
+    # long seed tasks (a page of input text) would set the padded width of whole training batches
+    seed_tasks = [b for b in load_behaviors("self-instruct-seed") if len(b.prompt) <= MAX_ANCHOR_PROMPT_CHARS]
     anchors = (seed_tasks + jbb[::2])[: preset.anchors]
     n = preset.over_refusal_prompts
     xstest = load_behaviors("xstest-safe")
@@ -122,7 +125,17 @@ class Reproduction:
                    "total_s": round(time.perf_counter() - started, 1)}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         (self.out / "summary.md").write_text(summary_markdown(summary))
+        with self.stage("report"):
+            self.report()
         return summary
+
+    def report(self) -> None:
+        try:
+            from trajalign.report import build_report
+
+            build_report([self.out / "evals", self.out / "probes"], self.out / "report" / "report.html")
+        except InputError as error:  # matplotlib missing: the summary above still stands
+            self.log(f"report skipped: {error}")
 
     def train(self, role: str, recipe: str, train: list[Behavior], anchors: list[Behavior], trajectories) -> None:
         config = TrainConfig(model=DEFAULT_MODEL, recipe=RecipeConfig(name=recipe), harmful_limit=None,

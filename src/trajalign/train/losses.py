@@ -22,12 +22,22 @@ class ConstrainedSettings(BaseModel):
         return torch.where(token_index == 1, torch.tensor(self.beta_first), betas)
 
 
-def label_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities of the next-token labels (shifted as in causal LM training) and their mask."""
-    shifted_labels = labels[:, 1:]
-    mask = shifted_labels != -100
-    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    chosen = log_probs.gather(-1, shifted_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+def trained_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence positions whose next-token prediction is trained (in any row), and their targets.
+
+    Position t predicts labels[t + 1]; asking the model for logits at these positions only skips the LM head
+    over prompts and injected spans, which on a small model is a large share of the compute.
+    """
+    shifted = labels[:, 1:]
+    positions = (shifted != -100).any(dim=0).nonzero().squeeze(-1)
+    return positions, shifted[:, positions]
+
+
+def label_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of `targets` (-100 = untrained) under `logits` at the same positions, and the mask."""
+    mask = targets != -100
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return chosen * mask, mask
 
 

@@ -14,7 +14,7 @@ from trajalign.data.trajectories import generate_answers, load_trajectories
 from trajalign.errors import InputError
 from trajalign.models.registry import DEFAULT_MODEL
 from trajalign.runs import write_config
-from trajalign.train.losses import ConstrainedSettings, constrained_loss, label_log_probs
+from trajalign.train.losses import ConstrainedSettings, constrained_loss, label_log_probs, trained_positions
 from trajalign.train.recipes import IGNORE, RecipeConfig, TrainingRow, build_rows
 
 DONE_MARKER = "trajalign-trained.json"
@@ -84,17 +84,27 @@ def _trainer_class():
             self.constrained = constrained
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if self.constrained is None:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            """Cross-entropy (or the constrained loss) from logits at trained positions only.
+
+            TRL's default path computes per-token statistics over the whole vocabulary at every position, which
+            on CPU costs more than the model itself; RTO labels ride in the same single forward pass.
+            """
             import torch
 
-            labels = inputs["labels"]
-            forward_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-            outputs = model(**forward_inputs, use_cache=False)
-            policy, mask = label_log_probs(outputs.logits, labels)
-            with torch.no_grad():
-                reference, _ = label_log_probs(self.reference_model(**forward_inputs, use_cache=False).logits, labels)
-            loss = constrained_loss(policy, reference, mask, self.constrained)
+            positions, targets = trained_positions(inputs["labels"])
+            forward = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
+                       "use_cache": False, "logits_to_keep": positions}
+            outputs = model(**forward)
+            log_probs, mask = label_log_probs(outputs.logits, targets)
+            if self.constrained is None:
+                count = num_items_in_batch if num_items_in_batch is not None else mask.sum()
+                loss = -log_probs.sum() / torch.as_tensor(count, device=log_probs.device).clamp(min=1)
+                if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                    loss = loss * self.accelerator.num_processes  # DDP averages gradients across ranks
+            else:
+                with torch.no_grad():
+                    reference, _ = label_log_probs(self.reference_model(**forward).logits, targets)
+                loss = constrained_loss(log_probs, reference, mask, self.constrained)
             return (loss, outputs) if return_outputs else loss
 
     return TrajectoryTrainer
@@ -113,6 +123,8 @@ def prepare_rows(config: TrainConfig, handle, harmful: list[Behavior], benign: l
                  cache_dir: Path, trajectories: dict | None = None) -> list[TrainingRow]:
     trajectories = trajectories or load_trajectories(config.trajectories, harmful, handle, config.trajectory_tokens,
                                                      config.batch_size, cache_dir=cache_dir)
+    if config.recipe.benign_ratio == 0:
+        benign = []
     anchors = generate_answers(handle, benign, config.anchor_tokens, config.batch_size, cache_dir=cache_dir)
     return build_rows(
         config.recipe, handle.chat,
@@ -181,6 +193,7 @@ def run_training(config: TrainConfig, handle=None, harmful: list[Behavior] | Non
         dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False, max_length=None,
         dataloader_num_workers=0, disable_tqdm=not is_main, ddp_find_unused_parameters=False,
         train_sampling_strategy="group_by_length",  # similar lengths per batch: less compute spent on padding
+        gradient_checkpointing=False,  # TRL turns it on; for small models recomputation only costs time
     )
     pad_id = handle.tokenizer.pad_token_id
     trainer = _trainer_class()(
