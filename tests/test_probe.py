@@ -13,6 +13,7 @@ from trajalign.probe.hooks import add_vector, decoder_blocks, record_block_input
 from trajalign.probe.predictivity import predictivity
 from trajalign.probe.trajectory import probe_trajectories
 from trajalign.records import Episode
+from trajalign.testing import tiny_handle
 
 HARMFUL = [b.prompt for b in load_behaviors("advbench", limit=6)]
 HARMLESS = [b.prompt for b in load_behaviors("jbb-benign", limit=5)]
@@ -57,9 +58,12 @@ def test_record_is_padding_safe(tiny):
     torch.testing.assert_close(batched[1][0, :len(short)], alone[1][0], atol=1e-5, rtol=1e-4)
 
 
-def test_select_direction_and_save_roundtrip(tiny, tmp_path):
-    direction = select_direction(tiny, HARMFUL, HARMLESS, batch_size=4, positions=[-1])
-    assert direction.layer < 2 and direction.metadata["candidates"]
+def test_select_direction_and_save_roundtrip(tmp_path):
+    deeper = tiny_handle(num_layers=5)
+    direction = select_direction(deeper, HARMFUL, HARMLESS, batch_size=4, positions=[-1])
+    candidates = direction.metadata["candidates"]
+    assert [c["layer"] for c in candidates] == [1, 2, 3]  # layer 0 (embeddings) has no direction; 4 is pruned
+    assert direction.layer in (1, 2, 3) and direction.direction.norm() > 0
     direction.save(tmp_path / "dir")
     loaded = RefusalDirection.load(tmp_path / "dir")
     torch.testing.assert_close(loaded.direction, direction.direction)

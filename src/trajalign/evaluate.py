@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from trajalign.attacks import Attack, Decoding, Insert, MultiInsert, Prefill, ReinjectHeader
 from trajalign.backends.base import GenerationRequest, Sampling
 from trajalign.data.datasets import Behavior, ColumnMap, load_behaviors
-from trajalign.data.trajectories import Trajectory, generate_answers, load_trajectories
+from trajalign.data.trajectories import Trajectory, load_trajectories
 from trajalign.errors import InputError
 from trajalign.judges import JudgeInput, KeywordJudge, make_judge
 from trajalign.models.registry import DEFAULT_MODEL
@@ -130,7 +130,10 @@ class Planner:
         ) for depth in depths]
 
     def _own_answers(self, behaviors: list[Behavior], length: int) -> dict[str, list[int]]:
-        return generate_answers(self.handle, behaviors, length, self.config.batch_size)
+        """The model's own greedy answers, from the same backend that runs the attack."""
+        requests = [GenerationRequest(key=b.id, trunk=ids, branch=len(ids), max_new_tokens=length)
+                    for b in behaviors for ids in [self.handle.chat.prompt_ids(b.prompt)]]
+        return {result.key: result.continuation_ids for batch in self.backend.generate(requests) for result in batch}
 
     def _insert(self, items) -> list[PlannedEpisode]:
         attack: Insert = self.config.attack

@@ -12,7 +12,7 @@ import random
 import time
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from trajalign.attacks import Decoding, Insert, Prefill
 from trajalign.data.datasets import Behavior, load_behaviors
@@ -33,6 +33,7 @@ class Preset(BaseModel):
     anchors: int
     anchor_tokens: int
     epochs: float
+    benign_ratio: float = Field(description="benign anchor rows per harmful row: the over-refusal lever")
     depths: list[int] = [0, 5, 10, 20, 40]
     insert_after: int = 8
     insert_length: int = 10
@@ -43,13 +44,14 @@ class Preset(BaseModel):
 
 
 PRESETS = {
-    "quick": Preset(train_behaviors=64, test_behaviors=20, trajectory_tokens=40, anchors=48, anchor_tokens=48,
-                    epochs=2),
-    "full": Preset(train_behaviors=160, test_behaviors=40, trajectory_tokens=48, anchors=120, anchor_tokens=64,
-                   epochs=2, over_refusal_prompts=40, decoding=True, direction_prompts=32, layer_step=3),
+    "quick": Preset(train_behaviors=48, test_behaviors=20, trajectory_tokens=40, anchors=48, anchor_tokens=48,
+                    epochs=2, benign_ratio=1.0),
+    "full": Preset(train_behaviors=160, test_behaviors=40, trajectory_tokens=48, anchors=160, anchor_tokens=64,
+                   epochs=2, benign_ratio=1.0, over_refusal_prompts=40, decoding=True, direction_prompts=32,
+                   layer_step=3),
 }
 ROLES = ("original", "shallow", "trajectory")
-CONTINUATION_TOKENS = 32  # the judge reads the first 24
+CONTINUATION_TOKENS = 24  # what the judge reads
 MAX_ANCHOR_PROMPT_CHARS = 300
 
 
@@ -133,12 +135,13 @@ class Reproduction:
         try:
             from trajalign.report import build_report
 
-            build_report([self.out / "evals", self.out / "probes"], self.out / "report" / "report.html")
+            build_report([self.out], self.out / "report" / "report.html")
         except InputError as error:  # matplotlib missing: the summary above still stands
             self.log(f"report skipped: {error}")
 
     def train(self, role: str, recipe: str, train: list[Behavior], anchors: list[Behavior], trajectories) -> None:
-        config = TrainConfig(model=DEFAULT_MODEL, recipe=RecipeConfig(name=recipe), harmful_limit=None,
+        recipe_config = RecipeConfig(name=recipe, benign_ratio=self.preset.benign_ratio)
+        config = TrainConfig(model=DEFAULT_MODEL, recipe=recipe_config, harmful_limit=None,
                              benign=[], benign_limit=None, trajectory_tokens=self.preset.trajectory_tokens,
                              anchor_tokens=self.preset.anchor_tokens, epochs=self.preset.epochs,
                              out=self.out / "models" / role)

@@ -83,13 +83,13 @@ def save_tiny_model(directory: Path, family: str = "chatml", seed: int = 0) -> P
     return Path(directory)
 
 
-def tiny_handle(family: str = "chatml", seed: int = 0):
+def tiny_handle(family: str = "chatml", seed: int = 0, num_layers: int = 2):
     """A ModelHandle around a tiny model, without touching the disk."""
     from trajalign.models.chat import ChatFormat
     from trajalign.models.loading import ModelHandle
 
     tokenizer = tiny_tokenizer(family)
-    model = tiny_llama(len(tokenizer), seed)
+    model = tiny_llama(len(tokenizer), seed, num_layers)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return ModelHandle(model=model, tokenizer=tokenizer, chat=ChatFormat(tokenizer), spec=f"tiny-{family}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from trajalign.errors import TrajalignError
 from trajalign.probe.hooks import ablate_direction, add_vector, decoder_blocks, record_block_inputs
 
 
@@ -117,6 +118,8 @@ def select_direction(handle, harmful: list[str], harmless: list[str], batch_size
     for layer in range(0, int(layers * (1 - prune_layer_fraction)), layer_step):
         for position in positions:
             vector = mean_diff[layer, position].float()
+            if vector.norm() <= 1e-6 * mean_diff.norm(dim=-1).max():
+                continue  # the same token at the same place in both classes (e.g. embeddings): no direction
             with ablate_direction(handle.model, vector):
                 ablated, _ = refusal_scores(handle, harmful, openings, batch_size)
                 _, ablated_harmless = refusal_scores(handle, harmless, openings, batch_size)
@@ -125,6 +128,9 @@ def select_direction(handle, harmful: list[str], harmless: list[str], batch_size
             kl = (harmless_dist.exp() * (harmless_dist - ablated_harmless)).sum(-1).mean().item()
             candidates.append({"layer": layer, "position": position, "ablation_score": ablated.mean().item(),
                                "steering_score": steered.mean().item(), "kl": kl})
+    if not candidates:
+        raise TrajalignError(f"no candidate refusal direction in the first {int(layers * (1 - prune_layer_fraction))} "
+                             f"layers: the classes' mean activations do not differ there")
     allowed = [c for c in candidates if c["kl"] < kl_ceiling and c["steering_score"] > harmless_base.mean().item()]
     chosen = min(allowed or candidates, key=lambda c: c["ablation_score"])
     return RefusalDirection(
