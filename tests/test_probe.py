@@ -102,3 +102,25 @@ def test_predictivity_joins_by_behavior_and_depth():
     assert rows[("depth=5", "onset_score")]["auroc"] == 1.0
     assert rows[("pooled", "projection_L3")]["n"] == 20
     assert 0.3 < rows[("pooled", "projection_L3")]["auroc"] < 0.7
+
+
+def test_blocks_found_in_gpt2_and_through_peft():
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=100, n_positions=64))
+    assert decoder_blocks(gpt2) is gpt2.transformer.h
+    with record_block_inputs(gpt2, [2]) as captured, torch.no_grad():
+        gpt2(torch.tensor([[1, 2, 3]]))
+    assert captured[2].shape == (1, 3, 32)
+    handle = tiny_handle()
+    wrapped = get_peft_model(handle.model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert decoder_blocks(wrapped) is handle.model.model.layers
+
+
+def test_kl_against_itself_is_zero(tiny):
+    prompt = tiny.chat.prompt_ids(HARMFUL[1])
+    trajectory = tiny.chat.encode_span("Sure, here is")
+    readings = probe_trajectories(tiny, [("b", prompt, trajectory)], refusal_opening_ids(tiny.chat),
+                                  reference=tiny)
+    assert all(abs(r.kl_to_reference) < 1e-9 for r in readings)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -160,43 +161,54 @@ def over_refusal_figure(episodes: list[Episode]):
     return figure
 
 
+def _pooled_aurocs(directory: Path) -> dict[str, float]:
+    path = directory / "predictivity.json"
+    if not path.exists():
+        return {}
+    runs = json.loads(path.read_text())["predictivity"]
+    return {row["score"]: row["auroc"] for rows in runs.values() for row in rows if row["group"] == "pooled"}
+
+
 def probe_figure(probe_dirs: list[Path], episodes: list[Episode]):
-    """Refusal-onset score along the trajectory, split by whether the prefill episode recovered."""
+    """Projection on the refusal direction along the trajectory (mean and one-s.d. band), recovered vs not,
+    with the pooled AUROC of each internal score for predicting recovery."""
+    import numpy as np
+
     from trajalign.probe.run import load_readings
 
     plt = _pyplot()
     panels = []
     for directory in probe_dirs:
         readings = {(r.behavior_id, r.depth): r for r in load_readings(directory)}
-        model_dir = directory.name
+        direction_layer = json.loads((directory / "direction.json").read_text())["layer"] \
+            if (directory / "direction.json").exists() else None
         outcomes = defaultdict(lambda: defaultdict(list))
         for episode in episodes:
-            if episode.attack_kind == "prefill" and _model_name(episode.model) == model_dir \
-                    and (episode.behavior_id, episode.depth) in readings and episode.dataset not in BENIGN_DATASETS:
-                outcomes[episode.recovered][episode.depth].append(readings[(episode.behavior_id, episode.depth)])
+            reading = readings.get((episode.behavior_id, episode.depth))
+            if episode.attack_kind == "prefill" and _model_name(episode.model) == directory.name and reading \
+                    and episode.dataset not in BENIGN_DATASETS and direction_layer in reading.projections:
+                outcomes[episode.recovered][episode.depth].append(reading.projections[direction_layer])
         if outcomes:
-            panels.append((model_dir, outcomes))
+            panels.append((directory.name, direction_layer, outcomes, _pooled_aurocs(directory)))
     if not panels:
         return None
-    import numpy as np
-
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for axis, (model, outcomes) in zip(axes[0], panels):
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6), squeeze=False)
+    for axis, (model, layer, outcomes, aurocs) in zip(axes[0], panels):
         for index, recovered in enumerate((True, False)):
             by_depth = outcomes.get(recovered, {})
             depths = sorted(by_depth)
             if not depths:
                 continue
-            values = [np.array([r.onset_score for r in by_depth[d]]) for d in depths]
-            means = [v.mean() for v in values]
-            spread = [v.std() for v in values]
+            means = np.array([np.mean(by_depth[d]) for d in depths])
+            spread = np.array([np.std(by_depth[d]) for d in depths])
             colour = PALETTE[index]
             axis.plot(depths, means, DASHES[index], marker=MARKERS[index], color=colour,
                       label="recovered" if recovered else "not recovered")
-            axis.fill_between(depths, np.subtract(means, spread), np.add(means, spread), color=colour, alpha=0.15)
-        axis.set_title(model, fontsize=10)
+            axis.fill_between(depths, means - spread, means + spread, color=colour, alpha=0.15)
+        scores = ", ".join(f"{name.replace('projection_', 'proj ')} {value:.2f}" for name, value in aurocs.items())
+        axis.set_title(f"{model}: layer {layer}\npooled AUROC: {scores}", fontsize=8)
         axis.set_xlabel("depth k")
-        axis.set_ylabel("refusal-onset log-probability")
+        axis.set_ylabel("projection on refusal direction")
         axis.legend(frameon=False, fontsize=8)
     return figure
 
@@ -303,7 +315,8 @@ def build_report(runs: list[Path], out_file: Path, tokenizer_spec: str | None = 
                ("Insertion attack: recovery by insertion point and span length", "insertion_heatmap",
                 insertion_figure(episodes)),
                ("Decoding sweep: attack success per setting", "decoding_sweep", decoding_figure(episodes)),
-               ("Probe: refusal-onset score along the trajectory", "probe_onset", probe_figure(probe_dirs, episodes)),
+               ("Probe: the refusal direction along the trajectory", "probe_projection",
+                probe_figure(probe_dirs, episodes)),
                ("Over-refusal on benign prompts", "over_refusal", over_refusal_figure(episodes))]
     sections = []
     for title, name, figure in figures:

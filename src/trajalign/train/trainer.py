@@ -49,7 +49,7 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(default=16, gt=0)
     gradient_accumulation: int = Field(default=1, gt=0)
     freeze_embeddings: bool = Field(default=True, description="freeze (tied) embeddings: faster, keeps utility")
-    save_steps: int = Field(default=10, gt=0, description="checkpoint interval, for resuming a killed run")
+    save_steps: int = Field(default=50, gt=0, description="checkpoint interval, for resuming a killed run")
     seed: int = 0
     dtype: str = "float32"
     device: str = "auto"
@@ -134,7 +134,9 @@ def prepare_rows(config: TrainConfig, handle, harmful: list[Behavior], benign: l
 
 
 def _last_checkpoint(directory: Path) -> str | None:
-    checkpoints = sorted(directory.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    """The newest complete checkpoint: trainer_state.json is written last, so a kill mid-save leaves none."""
+    checkpoints = sorted((path for path in directory.glob("checkpoint-*") if (path / "trainer_state.json").exists()),
+                         key=lambda path: int(path.name.split("-")[1]))
     return str(checkpoints[-1]) if checkpoints else None
 
 
