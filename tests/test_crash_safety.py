@@ -41,7 +41,7 @@ def kill_when(argv, cwd, ready) -> None:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", num_layers=5)  # probes need a few layers
 
 
 def eval_argv(model_dir, out):

@@ -34,14 +34,15 @@ class JSONClient:
         return urllib.request.Request(self.base_url + path, data=json.dumps(payload).encode(), headers=headers,
                                       method="POST")
 
-    def post(self, path: str, payload: dict) -> dict:
+    def post(self, path: str, payload: dict, retry_server_errors: bool = True) -> dict:
+        """`retry_server_errors=False` answers a 5xx at once (a probe of what the server accepts)."""
         last_problem = ""
         for attempt in range(self.retries + 1):
             try:
                 with urllib.request.urlopen(self._request(path, payload), timeout=self.timeout_s) as response:
                     return json.loads(response.read().decode("utf-8"))
             except urllib.error.HTTPError as error:
-                if error.code < 500:
+                if error.code < 500 or not retry_server_errors:
                     body = error.read().decode("utf-8", "replace")[:200]
                     raise TrajalignError(f"{self.base_url}{path}: HTTP {error.code}: {body}") from None
                 last_problem = f"HTTP {error.code}"

@@ -96,7 +96,8 @@ def insertion_figure(episodes: list[Episode]):
             cells[_model_name(episode.model)][(after, length)].append(episode.recovered)
     if not cells:
         return None
-    figure, axes = plt.subplots(1, len(cells), figsize=(3.2 * len(cells) + 0.8, 3), squeeze=False)
+    figure, axes = plt.subplots(1, len(cells), figsize=(3.6 * len(cells) + 1.0, 3), squeeze=False,
+                                layout="constrained")
     for axis, (model, grid) in zip(axes[0], sorted(cells.items())):
         afters = sorted({a for a, _ in grid}, key=int)
         lengths = sorted({b for _, b in grid}, key=int)
@@ -205,8 +206,10 @@ def probe_figure(probe_dirs: list[Path], episodes: list[Episode]):
             axis.plot(depths, means, DASHES[index], marker=MARKERS[index], color=colour,
                       label="recovered" if recovered else "not recovered")
             axis.fill_between(depths, means - spread, means + spread, color=colour, alpha=0.15)
-        scores = ", ".join(f"{name.replace('projection_', 'proj ')} {value:.2f}" for name, value in aurocs.items())
-        axis.set_title(f"{model}: layer {layer}\npooled AUROC: {scores}", fontsize=8)
+        scores = [f"{name.replace('projection_', 'proj ')} {value:.2f}" for name, value in aurocs.items()]
+        lines = [", ".join(scores[start:start + 2]) for start in range(0, len(scores), 2)]
+        axis.set_title("\n".join([f"{model}: direction at layer {layer}", "pooled AUROC of recovery:", *lines]),
+                       fontsize=8)
         axis.set_xlabel("depth k")
         axis.set_ylabel("projection on refusal direction")
         axis.legend(frameon=False, fontsize=8)

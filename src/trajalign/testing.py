@@ -71,10 +71,10 @@ def tiny_llama(vocab_size: int, seed: int = 0, num_layers: int = 2):
     return LlamaForCausalLM(config).eval()
 
 
-def save_tiny_model(directory: Path, family: str = "chatml", seed: int = 0) -> Path:
+def save_tiny_model(directory: Path, family: str = "chatml", seed: int = 0, num_layers: int = 2) -> Path:
     """Write a tiny model + tokenizer as an HF directory that `load_model` accepts."""
     tokenizer = tiny_tokenizer(family)
-    model = tiny_llama(len(tokenizer), seed)
+    model = tiny_llama(len(tokenizer), seed, num_layers)
     model.config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

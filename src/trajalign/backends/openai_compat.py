@@ -45,22 +45,22 @@ class OpenAICompatBackend:
 
     def _payload(self, request: GenerationRequest, as_ids: bool) -> dict:
         sampling = request.sampling
-        payload = {"model": self.served_model, "max_tokens": request.max_new_tokens,
-                   "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed,
-                   "prompt": request.context if as_ids else self.handle.tokenizer.decode(request.context),
-                   "logprobs": 1, "return_token_ids": True}
-        if sampling.top_k:
-            payload["top_k"] = sampling.top_k
-        return payload
+        # Neutral settings spelled the way each server knows them: no repetition penalty (llama.cpp defaults to
+        # 1.1), top-k 0 = off (llama.cpp and current vLLM). vLLM returns token ids on request.
+        return {"model": self.served_model, "max_tokens": request.max_new_tokens,
+                "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+                "seed": sampling.seed, "repeat_penalty": 1.0, "repetition_penalty": 1.0, "return_token_ids": True,
+                "prompt": request.context if as_ids else self.handle.tokenizer.decode(request.context)}
 
     def _complete(self, request: GenerationRequest) -> GenerationResult:
         started = time.perf_counter()
         if self.send_token_ids is None:
-            try:
-                reply = self.client.post("/completions", self._payload(request, as_ids=True))
+            try:  # servers reject a token-id prompt with 400, 422 or (llama-cpp-python) 500
+                reply = self.client.post("/completions", self._payload(request, as_ids=True),
+                                         retry_server_errors=False)
                 self.send_token_ids = True
             except TrajalignError as error:
-                if "HTTP 4" not in str(error):
+                if "HTTP" not in str(error):
                     raise
                 self.send_token_ids = False
                 reply = self.client.post("/completions", self._payload(request, as_ids=False))
