@@ -74,3 +74,18 @@ def test_cli_wrong_checksum_exits_2(cli, tmp_path, monkeypatch):
 def test_cli_unknown_model_exits_2(cli):
     code, _, err = cli("models", "pull", "gpt-17")
     assert code == 2 and "unknown embedded model" in err
+
+
+def test_cli_allow_pickle_is_an_explicit_opt_in(cli, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(tmp_path)
+    directory = save_tiny_model(tmp_path / "m")
+    torch.save(load_file(directory / "model.safetensors"), directory / "pytorch_model.bin")
+    (directory / "model.safetensors").unlink()
+    argv = ["eval", "--model", directory, "--dataset", "advbench", "--limit", "1", "--depths", "0",
+            "--max-new-tokens", "2"]
+    code, _, err = cli(*argv, "--out", tmp_path / "refused")
+    assert code == 2 and "--allow-pickle" in err
+    code, _, err = cli(*argv, "--out", tmp_path / "allowed", "--allow-pickle")
+    assert code == 0, err

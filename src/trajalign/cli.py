@@ -72,6 +72,11 @@ def progress_bar(description: str):
         yield update
 
 
+def security_options(trust_remote_code: bool, allow_pickle: bool) -> dict:
+    """Only options the user switched on override a config file."""
+    return {"trust_remote_code": True if trust_remote_code else None, "allow_pickle": True if allow_pickle else None}
+
+
 @models_app.command("list")
 def models_list() -> None:
     """List the embedded models and whether they are cached."""
@@ -136,6 +141,8 @@ def eval_command(
     base_url: Optional[str] = typer.Option(None, help="openai backend: server URL ending in /v1"),
     served_model: Optional[str] = typer.Option(None, help="openai backend: the server's model name"),
     batch_size: Optional[int] = typer.Option(None, help="generation batch size"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run the model repository's code"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="accept pickle weights (they can run code)"),
     out: Optional[Path] = typer.Option(None, help="run directory (re-running resumes it)"),
 ) -> None:
     """Attack a model with token-exact injections and judge whether it recovers."""
@@ -144,7 +151,8 @@ def eval_command(
     overrides = {key: value for key, value in {
         "model": model, "dataset": dataset, "limit": limit, "trajectories": trajectories,
         "max_new_tokens": max_new_tokens, "backend": backend, "batch_size": batch_size,
-        "out": str(out) if out else None}.items() if value is not None}
+        "out": str(out) if out else None, **security_options(trust_remote_code, allow_pickle)}.items()
+        if value is not None}
     attack_fields = {key: value for key, value in {
         "depths": parse_int_list(depths, "--depths"), "after": parse_int_list(after, "--after"),
         "span_lengths": parse_int_list(span_lengths, "--span-lengths"), "span_text": span_text}.items()
@@ -183,6 +191,8 @@ def train_command(
     epochs: Optional[float] = typer.Option(None),
     learning_rate: Optional[float] = typer.Option(None),
     batch_size: Optional[int] = typer.Option(None),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run the model repository's code"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="accept pickle weights (they can run code)"),
     out: Optional[Path] = typer.Option(None, help="output model directory (re-running resumes it)"),
 ) -> None:
     """Fine-tune a model on perturbed trajectories so that it recovers at any depth."""
@@ -193,7 +203,8 @@ def train_command(
         "trajectories": trajectories, "epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size,
         "benign": benign.split(",") if benign else None, "recipe": {"name": recipe} if recipe else None,
         "lora": {} if lora else None, "constrained": {} if constrained else None,
-        "out": str(out) if out else None}.items() if value is not None}
+        "out": str(out) if out else None, **security_options(trust_remote_code, allow_pickle)}.items()
+        if value is not None}
     train_config = load_config(config, TrainConfig, overrides) if config else validate_config(
         TrainConfig, overrides, "command line")
     stdout.print(f"model saved to {run_training(train_config)}")
@@ -211,6 +222,8 @@ def probe_command(
     trajectories: Optional[str] = typer.Option(None, help="model:SPEC | column:NAME | target"),
     reference: Optional[str] = typer.Option(None, help="reference model for the per-token KL"),
     eval_run: Optional[list[Path]] = typer.Option(None, help="eval run(s) whose recovery the scores predict"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run the model repository's code"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="accept pickle weights (they can run code)"),
     out: Optional[Path] = typer.Option(None),
 ) -> None:
     """Refusal direction, per-depth internal readings along trajectories, and whether they predict recovery."""
@@ -220,7 +233,8 @@ def probe_command(
         "model": model, "harmful": harmful, "harmless": harmless, "dataset": dataset, "limit": limit,
         "trajectories": trajectories, "reference": reference, "direction": str(direction) if direction else None,
         "eval_runs": [str(run) for run in eval_run] if eval_run else None,
-        "out": str(out) if out else None}.items() if value is not None}
+        "out": str(out) if out else None, **security_options(trust_remote_code, allow_pickle)}.items()
+        if value is not None}
     probe_config = load_config(config, ProbeConfig, overrides) if config else validate_config(
         ProbeConfig, overrides, "command line")
     results = run_probe(probe_config)

@@ -48,6 +48,8 @@ class EvalConfig(BaseModel):
     batch_size: int = Field(default=16, gt=0)
     dtype: str = "float32"
     device: str = "auto"
+    trust_remote_code: bool = Field(default=False, description="run the model repository's own code")
+    allow_pickle: bool = Field(default=False, description="accept pickle weights, which can run code")
     out: Path = Path("runs/eval")
 
 
@@ -237,7 +239,9 @@ class Evaluation:
         if self._handle is None:
             from trajalign.models.loading import load_model
 
-            self._handle = load_model(self.config.model, dtype=self.config.dtype, device=self.config.device)
+            self._handle = load_model(self.config.model, dtype=self.config.dtype, device=self.config.device,
+                                      trust_remote_code=self.config.trust_remote_code,
+                                      allow_pickle=self.config.allow_pickle)
         return self._handle
 
     def _judges(self):

@@ -198,7 +198,7 @@ def _load_directory(directory: Path, dtype, trust_remote_code: bool, allow_pickl
     if _has_only_pickle_weights(directory) and not allow_pickle:
         raise InputError(
             f"{directory}: weights are pickle files, which can run code when loaded; convert them to "
-            f"safetensors or pass --allow-pickle if you trust their source"
+            f"safetensors, or pass --allow-pickle (allow_pickle: true in a config) if you trust their source"
         )
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(

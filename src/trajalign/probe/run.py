@@ -31,6 +31,8 @@ class ProbeConfig(BaseModel):
     reference: str | None = Field(default=None, description="reference model for the per-token KL")
     eval_runs: list[Path] = Field(default_factory=list, description="eval runs whose recovery the scores predict")
     batch_size: int = 16
+    trust_remote_code: bool = Field(default=False, description="run the model repository's own code")
+    allow_pickle: bool = Field(default=False, description="accept pickle weights, which can run code")
     out: Path = Path("runs/probe")
 
 
@@ -39,7 +41,8 @@ def run_probe(config: ProbeConfig, handle=None, behaviors=None, trajectories=Non
     from trajalign.models.loading import load_model
 
     write_config(config.out, config)
-    handle = handle or load_model(config.model)
+    handle = handle or load_model(config.model, trust_remote_code=config.trust_remote_code,
+                                  allow_pickle=config.allow_pickle)
     if config.direction:
         direction = RefusalDirection.load(config.direction)
     else:

@@ -53,6 +53,8 @@ class TrainConfig(BaseModel):
     seed: int = 0
     dtype: str = "float32"
     device: str = "auto"
+    trust_remote_code: bool = Field(default=False, description="run the model repository's own code")
+    allow_pickle: bool = Field(default=False, description="accept pickle weights, which can run code")
     out: Path = Path("runs/train")
 
 
@@ -159,7 +161,8 @@ def run_training(config: TrainConfig, handle=None, harmful: list[Behavior] | Non
     if handle is None:
         from trajalign.models.loading import load_model
 
-        handle = load_model(config.model, dtype=config.dtype, device=config.device)
+        handle = load_model(config.model, dtype=config.dtype, device=config.device,
+                            trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
     harmful = harmful if harmful is not None else load_behaviors(config.harmful, limit=config.harmful_limit)
     benign = benign if benign is not None else load_benign(config.benign, config.benign_limit)
     rows = prepare_rows(config, handle, harmful, benign, cache_dir or out / "cache", trajectories)
