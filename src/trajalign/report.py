@@ -117,49 +117,38 @@ def insertion_figure(episodes: list[Episode]):
     return figure
 
 
-def decoding_figure(episodes: list[Episode]):
+def _grouped_bars(groups: dict[str, dict[str, list[bool]]], ylabel: str, rotate: bool):
+    """One bar per (category, model), coloured and hatched per model."""
     plt = _pyplot()
+    categories = sorted({category for by_category in groups.values() for category in by_category})
+    figure, axis = plt.subplots(figsize=(max(6, 0.6 * len(categories) * len(groups)), 3.6))
+    width = 0.8 / len(groups)
+    for index, (model, by_category) in enumerate(sorted(groups.items())):
+        rates = [sum(by_category[c]) / len(by_category[c]) if c in by_category else 0 for c in categories]
+        axis.bar([i + index * width for i in range(len(categories))], rates, width, label=model,
+                 color=PALETTE[index % 7], hatch=["", "//", "..", "xx"][index % 4], edgecolor="black", linewidth=0.4)
+    axis.set_xticks([i + width * (len(groups) - 1) / 2 for i in range(len(categories))], categories,
+                    rotation=45 if rotate else 0, ha="right" if rotate else "center", fontsize=8)
+    axis.set_ylabel(ylabel)
+    axis.set_ylim(0, 1)
+    axis.legend(frameon=False)
+    return figure
+
+
+def decoding_figure(episodes: list[Episode]):
     groups: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     for episode in _harmful(episodes):
         if episode.attack_kind == "decoding":
             groups[_model_name(episode.model)][episode.position].append(not episode.recovered)
-    if not groups:
-        return None
-    settings = sorted({s for g in groups.values() for s in g})
-    figure, axis = plt.subplots(figsize=(max(6, 0.6 * len(settings) * len(groups)), 3.6))
-    width = 0.8 / len(groups)
-    for index, (model, by_setting) in enumerate(sorted(groups.items())):
-        rates = [sum(by_setting[s]) / len(by_setting[s]) if s in by_setting else 0 for s in settings]
-        axis.bar([i + index * width for i in range(len(settings))], rates, width, label=model,
-                 color=PALETTE[index % 7], hatch=["", "//", "..", "xx"][index % 4], edgecolor="black", linewidth=0.4)
-    axis.set_xticks([i + width * (len(groups) - 1) / 2 for i in range(len(settings))], settings, rotation=45,
-                    ha="right", fontsize=8)
-    axis.set_ylabel("attack success rate")
-    axis.set_ylim(0, 1)
-    axis.legend(frameon=False)
-    return figure
+    return _grouped_bars(groups, "attack success rate", rotate=True) if groups else None
 
 
 def over_refusal_figure(episodes: list[Episode]):
-    plt = _pyplot()
     groups: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     for episode in episodes:
         if episode.dataset in BENIGN_DATASETS and episode.depth == 0 and episode.attack_kind == "prefill":
             groups[_model_name(episode.model)][episode.dataset].append(episode.recovered)
-    if not groups:
-        return None
-    datasets = sorted({d for g in groups.values() for d in g})
-    figure, axis = plt.subplots(figsize=(6, 3.4))
-    width = 0.8 / len(groups)
-    for index, (model, by_dataset) in enumerate(sorted(groups.items())):
-        rates = [sum(by_dataset[d]) / len(by_dataset[d]) if d in by_dataset else 0 for d in datasets]
-        axis.bar([i + index * width for i in range(len(datasets))], rates, width, label=model,
-                 color=PALETTE[index % 7], hatch=["", "//", "..", "xx"][index % 4], edgecolor="black", linewidth=0.4)
-    axis.set_xticks([i + width * (len(groups) - 1) / 2 for i in range(len(datasets))], datasets)
-    axis.set_ylabel("share of benign prompts refused")
-    axis.set_ylim(0, 1)
-    axis.legend(frameon=False)
-    return figure
+    return _grouped_bars(groups, "share of benign prompts refused", rotate=False) if groups else None
 
 
 def _pooled_aurocs(directory: Path) -> dict[str, float]:
