@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -63,7 +63,6 @@ class PlannedEpisode:
     answer_start: int
     injected_spans: list[tuple[int, int]]
     sample: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def episode_key(model: str, behavior_id: str, attack: BaseModel, defense, position: str, sample: int = 0) -> str:
