@@ -1,8 +1,13 @@
 """Depth-sweep throughput: the engine against `model.generate`, per episode and batched, and the forward floor.
 
     python benchmarks/depth_sweep.py [--prompts 32] [--new-tokens 64] [--batch-size 16] [--per-episode 16]
+                                     [--trajectories greedy|sampled]
 
-All ways run in this process on the same contexts. Greedy outputs are compared token for token; a divergence
+All ways run in this process on the same contexts. The engine runs twice: with drafting (its default) and with
+`draft_tokens=0` (shared-prefix reuse alone). Trajectories are the model's own greedy answers (as in
+`--trajectories model:smollm2-135m`), where a branch's continuation is its trunk and drafts are nearly always
+right, or its sampled answers (temperature 1), where they are not: the second bounds what drafting gives an
+attack whose trajectory comes from another model. Greedy outputs are compared token for token; a divergence
 is counted as a near-tie when the engine's top-2 logit gap at the first differing token is below 1e-4.
 `generate` once per episode is slow, so it runs on the first `--per-episode` episodes and its rate is reported.
 """
@@ -14,7 +19,7 @@ import time
 
 import torch
 
-from trajalign.backends.base import GenerationRequest
+from trajalign.backends.base import GenerationRequest, Sampling
 from trajalign.backends.hf import HFBackend, cache_keyword
 from trajalign.data.datasets import load_behaviors
 from trajalign.data.trajectories import generate_answers
@@ -23,9 +28,15 @@ from trajalign.models import load_model
 DEPTHS = (0, 5, 10, 20, 40)
 
 
-def sweep_requests(handle, prompts: int, new_tokens: int) -> list[GenerationRequest]:
+def sweep_requests(handle, prompts: int, new_tokens: int, source: str) -> list[GenerationRequest]:
     behaviors = load_behaviors("advbench", limit=prompts)
-    trajectories = generate_answers(handle, behaviors, max(DEPTHS))
+    if source == "greedy":
+        trajectories = generate_answers(handle, behaviors, max(DEPTHS))
+    else:
+        answers = [GenerationRequest(b.id, handle.chat.prompt_ids(b.prompt), len(handle.chat.prompt_ids(b.prompt)),
+                                     sampling=Sampling(temperature=1.0, seed=index), max_new_tokens=max(DEPTHS))
+                   for index, b in enumerate(behaviors)]
+        trajectories = {r.key: r.continuation_ids for batch in HFBackend(handle).generate(answers) for r in batch}
     requests = []
     for behavior in behaviors:
         prompt = handle.chat.prompt_ids(behavior.prompt)
@@ -118,11 +129,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--per-episode", type=int, default=16)
+    parser.add_argument("--trajectories", choices=["greedy", "sampled"], default="greedy")
     args = parser.parse_args()
     handle = load_model(args.model)
-    requests = sweep_requests(handle, args.prompts, args.new_tokens)
+    requests = sweep_requests(handle, args.prompts, args.new_tokens, args.trajectories)
     print(f"{len(requests)} episodes: {args.prompts} prompts x depths {DEPTHS}, {args.new_tokens} new tokens, "
-          f"batch {args.batch_size}, {torch.get_num_threads()} threads")
+          f"batch {args.batch_size}, {args.trajectories} trajectories, {torch.get_num_threads()} threads")
 
     shapes, hook = record_forward_shapes(handle.model)
     started = time.perf_counter()
@@ -130,6 +142,12 @@ def main() -> None:
     engine_s = time.perf_counter() - started
     hook.remove()
     engine_tokens = sum(len(r.continuation_ids) for r in engine.values())
+
+    started = time.perf_counter()
+    undrafted = {r.key: r for batch in HFBackend(handle, batch_size=args.batch_size, draft_tokens=0).generate(requests)
+                 for r in batch}
+    undrafted_s = time.perf_counter() - started
+    undrafted_tokens = sum(len(r.continuation_ids) for r in undrafted.values())
 
     started = time.perf_counter()
     batched = generate_batched(handle, requests, args.batch_size)
@@ -146,14 +164,20 @@ def main() -> None:
     single_tokens = sum(len(ids) for ids in single.values())
 
     floor_s = replay_forwards(handle.model, shapes)
-    rate = {"engine": engine_tokens / engine_s, "generate batched": batched_tokens / batched_s,
+    rate = {"engine": engine_tokens / engine_s, "engine without drafts": undrafted_tokens / undrafted_s,
+            "generate batched": batched_tokens / batched_s,
             "generate per episode": single_tokens / single_s, "bare-forward floor": engine_tokens / floor_s}
     for name, value in rate.items():
-        print(f"{name:>22}: {value:7.1f} new tok/s")
+        print(f"{name:>23}: {value:7.1f} new tok/s")
     print(f"engine / per-episode generate: {rate['engine'] / rate['generate per episode']:.2f}x")
-    print(f"engine / batched generate:     {rate['engine'] / rate['generate batched']:.2f}x")
+    print(f"engine / batched generate:     {rate['engine'] / rate['generate batched']:.2f}x "
+          f"(without drafts {rate['engine without drafts'] / rate['generate batched']:.2f}x)")
     print(f"engine / bare-forward floor:   {floor_s / engine_s:.0%} ({len(shapes)} forward calls)")
-    for name, reference in (("per-episode generate", single), ("batched generate", batched)):
+    print(f"forward calls: {len(shapes)} for {engine_tokens} new tokens "
+          f"({engine_tokens / len(shapes):.1f} tokens per call across the batch)")
+    without = {key: result.continuation_ids for key, result in undrafted.items()}
+    for name, reference in (("per-episode generate", single), ("batched generate", batched),
+                            ("the engine without drafts", without)):
         identical, near, other = compare(engine, reference)
         print(f"greedy vs {name}: {identical} identical, {near} diverge at a near-tie (<1e-4), {other} otherwise")
 

@@ -83,16 +83,13 @@ def test_killed_run_resumes_without_loss_or_duplicates(tiny, tmp_path, monkeypat
     full_config, full_summary = run(tiny, tmp_path, attack, name="full")
     from trajalign.backends.hf import HFBackend
 
-    original = HFBackend._decode
-    calls = {"n": 0}
+    original = HFBackend.generate
 
-    def dying_decode(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # the process dies after one batch was written
-        return original(self, batch)
+    def dying_generate(self, requests):
+        yield next(original(self, requests))
+        raise KeyboardInterrupt  # the process dies after one batch was written
 
-    monkeypatch.setattr(HFBackend, "_decode", dying_decode)
+    monkeypatch.setattr(HFBackend, "generate", dying_generate)
     with pytest.raises(KeyboardInterrupt):
         run(tiny, tmp_path, attack, name="killed")
     log_path = tmp_path / "killed" / "episodes.jsonl"
@@ -100,7 +97,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(tiny, tmp_path, monkeypat
     assert 0 < len(written) < 12
     with open(log_path, "a") as handle:  # a kill in the middle of a line leaves half a record
         handle.write(written[0][:40])
-    monkeypatch.setattr(HFBackend, "_decode", original)
+    monkeypatch.setattr(HFBackend, "generate", original)
     config, summary = run(tiny, tmp_path, attack, name="killed")
     ids = [e.episode_id for e in episodes(config)]
     assert len(ids) == len(set(ids)) == 12

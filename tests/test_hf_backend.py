@@ -19,6 +19,17 @@ def depth_sweep(handle, depths=(0, 3, 7, 12), max_new_tokens=12):
     return requests
 
 
+def lively_handle(family: str = "chatml"):
+    """A tiny model with weights large enough that its greedy text varies and top-2 logits are far apart."""
+    handle = tiny_handle(family)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in handle.model.named_parameters():
+            if "norm" not in name:
+                parameter.normal_(0, 0.15)
+    return handle
+
+
 def reference_generate(handle, context, max_new_tokens, eos=None):
     output = handle.model.generate(torch.tensor([context]), max_new_tokens=max_new_tokens, do_sample=False,
                                    eos_token_id=eos, pad_token_id=0)
@@ -27,7 +38,7 @@ def reference_generate(handle, context, max_new_tokens, eos=None):
 
 @pytest.mark.parametrize("family", ["chatml", "llama3", "gemma"])
 def test_greedy_equals_generate_token_for_token(family):
-    handle = tiny_handle(family)
+    handle = lively_handle(family)
     requests = depth_sweep(handle)
     results = {r.key: r for batch in HFBackend(handle, batch_size=5, stop_ids=[]).generate(requests) for r in batch}
     for request in requests:
@@ -47,6 +58,51 @@ def test_trunks_prefilled_once_per_chunk(tiny):
     # one prefill over the 4 trunks, then one decode step for the 16 branches: nothing recomputed per depth
     assert len(calls) == 2
     assert calls[0][0] == 4 and calls[1][0] == 16
+
+
+def test_drafts_from_the_trunk_save_forward_calls_and_change_no_token():
+    lively = lively_handle()
+    prompt = lively.chat.prompt_ids("Write a poem about the sea")
+    own_answer = reference_generate(lively, prompt, 24)
+    requests = [GenerationRequest(f"d{depth}", prompt + own_answer, len(prompt) + depth, max_new_tokens=16)
+                for depth in (0, 4, 8)]
+    calls = {}
+    for draft_tokens in (0, 8):
+        shapes = []
+        hook = lively.model.register_forward_pre_hook(
+            lambda module, args, kwargs: shapes.append(kwargs["input_ids"].shape), with_kwargs=True)
+        try:
+            backend = HFBackend(lively, draft_tokens=draft_tokens, stop_ids=[])
+            results = {r.key: r for batch in backend.generate(requests) for r in batch}
+        finally:
+            hook.remove()
+        calls[draft_tokens] = len(shapes)
+        for request in requests:
+            expected = reference_generate(lively, request.context, 16)
+            assert results[request.key].continuation_ids == expected, request.key
+            assert len(results[request.key].top2_gaps) == 16
+    assert calls[0] == 1 + 16  # the trunk prefill, then one call per new token
+    assert calls[8] <= 1 + 16 // 2  # the branches retrace their trunk: most tokens come confirmed in bulk
+
+
+def test_finished_rows_are_replaced_mid_flight():
+    lively = lively_handle()
+    requests = [GenerationRequest(f"r{index}", lively.chat.prompt_ids(prompt), len(lively.chat.prompt_ids(prompt)),
+                                  max_new_tokens=length)
+                for index, (prompt, length) in enumerate(zip(PROMPTS * 2, [3, 9, 5, 12, 1, 7, 4, 10]))]
+    requests.append(GenerationRequest("short-context", lively.chat.prompt_ids("Hi")[:2], 2, max_new_tokens=6))
+    rows = []
+    hook = lively.model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        results = {r.key: r for batch in HFBackend(lively, batch_size=3, stop_ids=[]).generate(requests)
+                   for r in batch}
+    finally:
+        hook.remove()
+    assert max(rows[1:]) == 3 and len(rows) < 1 + sum(r.max_new_tokens for r in requests) / 2
+    for request in requests:
+        assert results[request.key].continuation_ids == reference_generate(
+            lively, request.context, request.max_new_tokens), request.key
 
 
 def test_stops_at_end_of_turn(tiny):

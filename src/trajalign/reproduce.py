@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from itertools import zip_longest
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -62,12 +63,14 @@ def split_behaviors(preset: Preset, seed: int = 0) -> tuple[list[Behavior], list
 
 
 def benign_sets(preset: Preset) -> tuple[list[Behavior], dict[str, list[Behavior]]]:
-    """Anchors train on Self-Instruct seed tasks and half of JBB benign; over-refusal is measured on the other
-    half, the Self-Instruct user tasks (evaluation-only) and XSTest's safe prompts, spread over their types."""
+    """Anchors train on half of JBB benign and Self-Instruct seed tasks, taken in turn so that any number of
+    anchors holds both styles; over-refusal is measured on JBB benign's other half, the Self-Instruct user tasks
+    (evaluation-only) and XSTest's safe prompts, spread over their types."""
     jbb = load_behaviors("jbb-benign")
     # long seed tasks (a page of input text) would set the padded width of whole training batches
     seed_tasks = [b for b in load_behaviors("self-instruct-seed") if len(b.prompt) <= MAX_ANCHOR_PROMPT_CHARS]
-    anchors = (seed_tasks + jbb[::2])[: preset.anchors]
+    in_turn = [b for pair in zip_longest(jbb[::2], seed_tasks) for b in pair if b is not None]
+    anchors = in_turn[: preset.anchors]
     n = preset.over_refusal_prompts
     xstest = load_behaviors("xstest-safe")
     evaluation = {"xstest-safe": xstest[:: max(1, len(xstest) // n)][:n],
