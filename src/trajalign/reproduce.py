@@ -45,7 +45,7 @@ class Preset(BaseModel):
 
 
 PRESETS = {
-    "quick": Preset(train_behaviors=48, test_behaviors=20, trajectory_tokens=40, anchors=48, anchor_tokens=48,
+    "quick": Preset(train_behaviors=48, test_behaviors=20, trajectory_tokens=40, anchors=48, anchor_tokens=32,
                     epochs=2, benign_ratio=1.0),
     "full": Preset(train_behaviors=160, test_behaviors=40, trajectory_tokens=48, anchors=160, anchor_tokens=64,
                    epochs=2, benign_ratio=1.0, over_refusal_prompts=40, decoding=True, direction_prompts=32,
