@@ -53,6 +53,9 @@ PRESETS = {
 }
 ROLES = ("original", "shallow", "trajectory")
 CONTINUATION_TOKENS = 24  # what the judge reads
+# A decode step of 64 rows costs ~1.7x one of 16 on 2 cores (bare decode 288 vs 120 tok/s), so trajectories and
+# evaluations, the sampled decoding sweep above all, run in wide batches.
+GENERATION_BATCH_SIZE = 64
 MAX_ANCHOR_PROMPT_CHARS = 300
 
 
@@ -114,7 +117,8 @@ class Reproduction:
         with self.stage("trajectories"):
             original = load_model(DEFAULT_MODEL)
             trajectories = load_trajectories(f"model:{DEFAULT_MODEL}", train + test, original,
-                                             self.preset.trajectory_tokens, cache_dir=self.out / "cache")
+                                             self.preset.trajectory_tokens, GENERATION_BATCH_SIZE,
+                                             cache_dir=self.out / "cache")
         for role, recipe in (("shallow", "refusal-sft"), ("trajectory", "trajectory")):
             with self.stage(f"train {role}"):
                 self.train(role, recipe, train, anchors, trajectories)
@@ -155,7 +159,8 @@ class Reproduction:
               trajectories: dict[str, Trajectory] | None, dataset: str) -> list[dict]:
         config = EvalConfig(model=self.model_spec(role), dataset=dataset, trajectories=f"model:{DEFAULT_MODEL}",
                             trajectory_tokens=self.preset.trajectory_tokens, attack=attack,
-                            max_new_tokens=CONTINUATION_TOKENS, out=self.out / "evals" / role / name)
+                            max_new_tokens=CONTINUATION_TOKENS, batch_size=GENERATION_BATCH_SIZE,
+                            out=self.out / "evals" / role / name)
         evaluation = Evaluation(config, handle=self._handle(role), trajectories=trajectories, behaviors=behaviors)
         return evaluation.run()["rows"]
 

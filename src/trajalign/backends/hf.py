@@ -80,6 +80,19 @@ class _Flight:
         self.sequence.append(token)
         self.done = len(self.continuation) >= self.request.max_new_tokens
 
+    def advance(self, choices: list[int], gaps: list[float], start: int, stop_ids: set[int]) -> int:
+        """Take the model's choice at `start` and one more per draft token it confirmed; return how many."""
+        taken = _accepted_length(self.draft, choices[start:])
+        for offset in range(taken + 1):
+            self.emit(choices[start + offset], gaps[start + offset], stop_ids)
+            if self.done:
+                break
+        if self.draft:
+            self.record.add(len(self.draft), taken)
+        self.next_position += len(self.forced) + taken
+        self.forced, self.draft = [choices[start + taken]], []
+        return taken
+
     def result(self) -> GenerationResult:
         return GenerationResult(key=self.request.key, continuation_ids=self.continuation, finish_reason=self.finish,
                                 top2_gaps=self.gaps, seconds=self.seconds)
@@ -130,7 +143,7 @@ class HFBackend:
                 raise TrajalignError(
                     f"request {request.key}: branch {request.branch} outside its trunk or empty context")
         groups: dict[tuple[int, ...], list[GenerationRequest]] = {}
-        self._record = DraftRecord()
+        record = DraftRecord()  # what drafts earn across this call: the prior for rows without a record
         for request in requests:
             groups.setdefault(tuple(request.trunk), []).append(request)
         waiting = self._flights(groups)
@@ -150,7 +163,7 @@ class HFBackend:
                 active += admitted
             if not active:
                 break
-            active, cache, mask, done = self._step(active, cache, mask)
+            active, cache, mask, done = self._step(active, cache, mask, record)
             finished += done
             if len(finished) >= self.batch_size:
                 yield [flight.result() for flight in finished]
@@ -243,10 +256,10 @@ class HFBackend:
         return cache, torch.cat([mask, new_mask])
 
     @torch.inference_mode()
-    def _step(self, active: list[_Flight], cache, mask: torch.Tensor):
+    def _step(self, active: list[_Flight], cache, mask: torch.Tensor, record: DraftRecord):
         """One forward pass: every row feeds its forced tokens and its draft; keeps what the model confirms."""
         started = time.perf_counter()
-        self._plan_drafts(active)
+        self._plan_drafts(active, record)
         feeds = [flight.forced + flight.draft for flight in active]
         width = max(len(feed) for feed in feeds)
         first_needed = min(len(flight.forced) for flight in active) - 1
@@ -270,18 +283,11 @@ class HFBackend:
             start = len(flight.forced) - 1 - first_needed
             if not flight.request.sampling.greedy:
                 choices[row][start] = sample_token(logits[row, start], flight.request.sampling, flight.generator)
-            taken = _accepted_length(flight.draft, choices[row][start:])
-            for offset in range(taken + 1):
-                flight.emit(choices[row][start + offset], gaps[row][start + offset], self.stop_ids)
-                if flight.done:
-                    break
-            if flight.draft:
-                flight.record.add(len(flight.draft), taken)
-                self._record.add(len(flight.draft), taken)
-                mask[row, old_width + len(flight.forced) + taken:] = 0  # rejected drafts stay, masked for good
-            flight.next_position += len(flight.forced) + taken
-            flight.forced = [choices[row][start + taken]]
-            flight.draft = []
+            fed, drafted = len(flight.forced), len(flight.draft)
+            taken = flight.advance(choices[row], gaps[row], start, self.stop_ids)
+            if drafted:
+                record.add(drafted, taken)
+                mask[row, old_width + fed + taken:] = 0  # rejected drafts stay in the cache, masked for good
         share = (time.perf_counter() - started) / rows
         for flight in active:
             flight.seconds += share
@@ -298,7 +304,7 @@ class HFBackend:
                 cache = mask = None
         return active, cache, mask, done
 
-    def _plan_drafts(self, active: list[_Flight]) -> None:
+    def _plan_drafts(self, active: list[_Flight], record: DraftRecord) -> None:
         """Give greedy rows drafts, all cut to the length that maximises expected tokens per unit of cost."""
         if not self.draft_tokens:
             return
@@ -310,7 +316,7 @@ class HFBackend:
         longest = max(len(draft) for draft in candidates)
         if not longest:
             return
-        prior = self._record.acceptance()
+        prior = record.acceptance()
         rates = [flight.record.acceptance(prior) for flight in active]
 
         def tokens_per_cost(length: int) -> float:

@@ -47,6 +47,8 @@ class TrainConfig(BaseModel):
     learning_rate: float = Field(default=5e-5, gt=0)
     epochs: float = Field(default=2.0, gt=0)
     batch_size: int = Field(default=16, gt=0)
+    generation_batch_size: int = Field(default=64, gt=0, description="rows per pass when self-distilling anchors "
+                                       "and generating trajectories: decoding is cheaper per token in wide batches")
     gradient_accumulation: int = Field(default=1, gt=0)
     freeze_embeddings: bool = Field(default=True, description="freeze (tied) embeddings: faster, keeps utility")
     save_steps: int = Field(default=50, gt=0, description="checkpoint interval, for resuming a killed run")
@@ -124,10 +126,11 @@ def load_benign(names: list[str], limit: int | None) -> list[Behavior]:
 def prepare_rows(config: TrainConfig, handle, harmful: list[Behavior], benign: list[Behavior],
                  cache_dir: Path, trajectories: dict | None = None) -> list[TrainingRow]:
     trajectories = trajectories or load_trajectories(config.trajectories, harmful, handle, config.trajectory_tokens,
-                                                     config.batch_size, cache_dir=cache_dir)
+                                                     config.generation_batch_size, cache_dir=cache_dir)
     if config.recipe.benign_ratio == 0:
         benign = []
-    anchors = generate_answers(handle, benign, config.anchor_tokens, config.batch_size, cache_dir=cache_dir)
+    anchors = generate_answers(handle, benign, config.anchor_tokens, config.generation_batch_size,
+                               cache_dir=cache_dir)
     return build_rows(
         config.recipe, handle.chat,
         [(b.id, b.prompt, trajectories[b.id].token_ids) for b in harmful],
