@@ -1,4 +1,4 @@
-"""Local batched generation with shared-prefix KV reuse: one prefill per trunk, every branch decoded from it."""
+"""Local generation: one prefill per trunk, every branch decoded from it, continuously batched, with verified drafts."""
 
 from __future__ import annotations
 
