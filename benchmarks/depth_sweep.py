@@ -20,7 +20,7 @@ import time
 import torch
 
 from trajalign.backends.base import GenerationRequest, Sampling
-from trajalign.backends.hf import HFBackend, cache_keyword
+from trajalign.backends.hf import HFBackend, cache_keyword, kv_shape
 from trajalign.data.datasets import load_behaviors
 from trajalign.data.trajectories import generate_answers
 from trajalign.models import load_model
@@ -65,13 +65,12 @@ def replay_forwards(model, shapes) -> float:
     from transformers import DynamicCache
 
     config = model.config
-    heads = config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    layers_count, heads, head_dim = kv_shape(config)
     keyword = cache_keyword(model)
     started = time.perf_counter()
     for (batch, length), cached in shapes:
         layers = [(torch.zeros(batch, heads, cached, head_dim), torch.zeros(batch, heads, cached, head_dim))
-                  for _ in range(config.num_hidden_layers)]
+                  for _ in range(layers_count)]
         cache = DynamicCache(ddp_cache_data=layers, config=config) if cached else None
         model(input_ids=torch.zeros(batch, length, dtype=torch.long),
               attention_mask=torch.ones(batch, cached + length, dtype=torch.long),

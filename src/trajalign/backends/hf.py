@@ -30,6 +30,14 @@ def output_cache(output):
     return output["cache"] if "cache" in output else output["past_key_values"]
 
 
+def kv_shape(config) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) of a decoder's KV cache."""
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers, heads, head_dim
+
+
 def _cached_length(request: GenerationRequest) -> int:
     # The last context token is always fed fresh: its logits give the first new token.
     return min(request.branch, len(request.context) - 1)
@@ -80,7 +88,8 @@ class _Flight:
         self.sequence.append(token)
         self.done = len(self.continuation) >= self.request.max_new_tokens
 
-    def advance(self, choices: list[int], gaps: list[float], start: int, stop_ids: set[int]) -> int:
+    def advance(self, choices: list[int], gaps: list[float], start: int, stop_ids: set[int],
+                run_record: DraftRecord) -> int:
         """Take the model's choice at `start` and one more per draft token it confirmed; return how many."""
         taken = _accepted_length(self.draft, choices[start:])
         for offset in range(taken + 1):
@@ -89,6 +98,7 @@ class _Flight:
                 break
         if self.draft:
             self.record.add(len(self.draft), taken)
+            run_record.add(len(self.draft), taken)
         self.next_position += len(self.forced) + taken
         self.forced, self.draft = [choices[start + taken]], []
         return taken
@@ -209,12 +219,6 @@ class HFBackend:
         return [[(keys[row, :, :length], values[row, :, :length]) for keys, values in layers] if length else None
                 for row, length in enumerate(lengths)]
 
-    def _kv_shape(self) -> tuple[int, int, int]:
-        config = self.config.get_text_config(decoder=True) if hasattr(self.config, "get_text_config") else self.config
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return config.num_hidden_layers, heads, head_dim
-
     def _admit(self, cache, mask: torch.Tensor | None, flights: list[_Flight]):
         """Append rows to the batch cache: each row's cached trunk prefix right-aligned to the current width.
 
@@ -223,7 +227,7 @@ class HFBackend:
         """
         from transformers import DynamicCache
 
-        layers_count, heads, head_dim = self._kv_shape()
+        layers_count, heads, head_dim = kv_shape(self.config)
         width = 0 if mask is None else mask.shape[1]
         needed = max(flight.cached_length for flight in flights)
         if mask is not None and needed > width:  # widen everyone on the left with masked columns
@@ -246,7 +250,8 @@ class HFBackend:
                     values[row, :, width - length:] = flight.state[layer_index][1][:, :length]
             new_layers.append((keys, values))
         for row, flight in enumerate(flights):
-            new_mask[row, width - flight.cached_length:] = 1 if flight.cached_length else 0
+            if flight.cached_length:
+                new_mask[row, width - flight.cached_length:] = 1
             flight.state = None  # the batch cache holds it now
         if cache is None:
             return DynamicCache(ddp_cache_data=new_layers, config=self.config), new_mask
@@ -284,9 +289,8 @@ class HFBackend:
             if not flight.request.sampling.greedy:
                 choices[row][start] = sample_token(logits[row, start], flight.request.sampling, flight.generator)
             fed, drafted = len(flight.forced), len(flight.draft)
-            taken = flight.advance(choices[row], gaps[row], start, self.stop_ids)
+            taken = flight.advance(choices[row], gaps[row], start, self.stop_ids, record)
             if drafted:
-                record.add(drafted, taken)
                 mask[row, old_width + fed + taken:] = 0  # rejected drafts stay in the cache, masked for good
         share = (time.perf_counter() - started) / rows
         for flight in active:
