@@ -1,4 +1,4 @@
-from trajalign.reproduce import PRESETS, benign_sets, split_behaviors, summary_markdown
+from trajalign.reproduce import PRESETS, benign_sets, split_behaviors, summary_markdown, validation_sets
 
 
 def test_split_is_by_behavior_and_fixed():
@@ -16,6 +16,17 @@ def test_over_refusal_prompts_are_never_trained_on():
         assert not anchor_ids & {b.id for b in behaviors}
         assert len(behaviors) == PRESETS["full"].over_refusal_prompts
     assert all(b.dataset != "self-instruct-user" for b in anchors)
+
+
+def test_validation_split_shares_nothing_with_training_or_test():
+    for preset in PRESETS.values():
+        train, test = split_behaviors(preset)
+        anchors, evaluation = benign_sets(preset)
+        harmful, benign = validation_sets(preset)
+        assert len(harmful) == 40 and not {b.id for b in harmful} & {b.id for b in train + test}
+        held = {b.id for b in anchors} | {b.id for behaviors in evaluation.values() for b in behaviors}
+        for behaviors in benign.values():
+            assert behaviors and not held & {b.id for b in behaviors}
 
 
 def test_summary_markdown_reports_every_model_and_interval():

@@ -250,7 +250,7 @@ def probe_command(
 
 @app.command("reproduce")
 def reproduce_command(
-    preset: str = typer.Option("quick", help="quick (about 7 minutes) | full (about 23 minutes on 2 cores)"),
+    preset: str = typer.Option("quick", help="quick (about 7 minutes) | full (about 24 minutes on 2 cores)"),
     out: Path = typer.Option(Path("runs/reproduce"), help="run directory (re-running resumes it)"),
 ) -> None:
     """The whole study in miniature: unaligned, shallow and trajectory-trained models, attacked and probed."""

@@ -32,8 +32,10 @@ class Preset(BaseModel):
     test_behaviors: int
     trajectory_tokens: int
     anchors: int
-    anchor_tokens: int
+    anchor_tokens: int = Field(description="length of the self-distilled benign answers: the loss averages over "
+                               "tokens, so short anchors give their opening (answer, not refuse) more weight")
     epochs: float
+    learning_rate: float = Field(default=3e-4, description="chosen on a validation split of training behaviors")
     benign_ratio: float = Field(description="benign anchor rows per harmful row: the over-refusal lever")
     depths: list[int] = [0, 5, 10, 20, 40]
     insert_after: int = 8
@@ -45,10 +47,10 @@ class Preset(BaseModel):
 
 
 PRESETS = {
-    "quick": Preset(train_behaviors=48, test_behaviors=20, trajectory_tokens=40, anchors=48, anchor_tokens=32,
+    "quick": Preset(train_behaviors=48, test_behaviors=20, trajectory_tokens=40, anchors=48, anchor_tokens=24,
                     epochs=2, benign_ratio=1.0),
-    "full": Preset(train_behaviors=160, test_behaviors=40, trajectory_tokens=48, anchors=160, anchor_tokens=64,
-                   epochs=2, benign_ratio=1.0, over_refusal_prompts=40, decoding=True, direction_prompts=32,
+    "full": Preset(train_behaviors=160, test_behaviors=40, trajectory_tokens=48, anchors=160, anchor_tokens=24,
+                   epochs=3, benign_ratio=1.0, over_refusal_prompts=40, decoding=True, direction_prompts=32,
                    layer_step=3),
 }
 ROLES = ("original", "shallow", "trajectory")
@@ -59,9 +61,14 @@ GENERATION_BATCH_SIZE = 64
 MAX_ANCHOR_PROMPT_CHARS = 300
 
 
-def split_behaviors(preset: Preset, seed: int = 0) -> tuple[list[Behavior], list[Behavior]]:
+def _shuffled_advbench(seed: int) -> list[Behavior]:
     behaviors = load_behaviors("advbench")
     random.Random(seed).shuffle(behaviors)
+    return behaviors
+
+
+def split_behaviors(preset: Preset, seed: int = 0) -> tuple[list[Behavior], list[Behavior]]:
+    behaviors = _shuffled_advbench(seed)
     return behaviors[:preset.train_behaviors], behaviors[-preset.test_behaviors:]
 
 
@@ -76,14 +83,28 @@ def benign_sets(preset: Preset) -> tuple[list[Behavior], dict[str, list[Behavior
     anchors = in_turn[: preset.anchors]
     n = preset.over_refusal_prompts
     xstest = load_behaviors("xstest-safe")
-    evaluation = {"xstest-safe": xstest[:: max(1, len(xstest) // n)][:n],
+    evaluation = {"xstest-safe": xstest[:: max(2, len(xstest) // n)][:n],
                   "everyday-benign": (jbb[1::2][: n // 2] + load_behaviors("self-instruct-user")[: n - n // 2])}
     return anchors, evaluation
 
 
+def validation_sets(preset: Preset, size: int = 40, seed: int = 0) -> tuple[list[Behavior], dict[str, list[Behavior]]]:
+    """Where recipe settings are chosen, so that the test sets choose nothing: the `size` AdvBench behaviors after
+    the training ones, and benign prompts that are neither anchors nor over-refusal test prompts (XSTest's safe
+    prompts halfway between the test stride's, the next JBB benign and Self-Instruct user tasks)."""
+    n = preset.over_refusal_prompts
+    xstest = load_behaviors("xstest-safe")
+    stride = max(2, len(xstest) // n)
+    harmful = _shuffled_advbench(seed)[preset.train_behaviors:preset.train_behaviors + size]
+    benign = {"xstest-safe": xstest[stride // 2::stride][: size // 2],
+              "everyday-benign": (load_behaviors("jbb-benign")[1::2][n // 2: n // 2 + size // 2]
+                                  + load_behaviors("self-instruct-user")[n - n // 2: n - n // 2 + size // 2])}
+    return harmful, benign
+
+
 class Reproduction:
-    def __init__(self, preset_name: str, out: Path, log=print):
-        self.preset = PRESETS[preset_name]
+    def __init__(self, preset_name: str, out: Path, log=print, preset: Preset | None = None):
+        self.preset = preset or PRESETS[preset_name]
         self.preset_name = preset_name
         self.out = Path(out)
         self.log = log
@@ -151,7 +172,7 @@ class Reproduction:
         config = TrainConfig(model=DEFAULT_MODEL, recipe=recipe_config, harmful_limit=None,
                              benign=[], benign_limit=None, trajectory_tokens=self.preset.trajectory_tokens,
                              anchor_tokens=self.preset.anchor_tokens, epochs=self.preset.epochs,
-                             out=self.out / "models" / role)
+                             learning_rate=self.preset.learning_rate, out=self.out / "models" / role)
         run_training(config, handle=load_model(DEFAULT_MODEL), harmful=train, benign=anchors,
                      trajectories=trajectories, cache_dir=self.out / "cache")
 

@@ -1,0 +1,64 @@
+"""Train one model of the reproduction with changed settings and score it on the validation split, never the test.
+
+    python benchmarks/recipe_validation.py [--preset full] [--recipe trajectory] [--learning-rate 3e-4]
+        [--anchor-tokens 64] [--benign-ratio 1.0] [--epochs 2] [--out runs/validation]
+
+The validation split (`trajalign.reproduce.validation_sets`) holds AdvBench behaviors after the training ones and
+benign prompts that are neither anchors nor over-refusal test prompts; this is where the presets' settings were
+chosen. Prints the reproduction's table for the one model.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from trajalign.data.trajectories import load_trajectories
+from trajalign.models.loading import load_model
+from trajalign.models.registry import DEFAULT_MODEL
+from trajalign.reproduce import (
+    GENERATION_BATCH_SIZE,
+    PRESETS,
+    Reproduction,
+    benign_sets,
+    split_behaviors,
+    summary_markdown,
+    validation_sets,
+)
+
+ROLE_OF_RECIPE = {"refusal-sft": "shallow", "trajectory": "trajectory"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    parser.add_argument("--recipe", choices=sorted(ROLE_OF_RECIPE), default="trajectory")
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--anchor-tokens", type=int)
+    parser.add_argument("--benign-ratio", type=float)
+    parser.add_argument("--epochs", type=float)
+    parser.add_argument("--out", type=Path, default=Path("runs/validation"))
+    args = parser.parse_args()
+    changes = {field: value for field, value in {"learning_rate": args.learning_rate,
+                                                 "anchor_tokens": args.anchor_tokens,
+                                                 "benign_ratio": args.benign_ratio,
+                                                 "epochs": args.epochs}.items() if value is not None}
+    preset = PRESETS[args.preset].model_copy(update={**changes, "decoding": False})
+    run = Reproduction(args.preset, args.out, preset=preset)
+    train, _ = split_behaviors(preset)
+    anchors, _ = benign_sets(preset)
+    harmful, benign = validation_sets(preset)
+    trajectories = load_trajectories(f"model:{DEFAULT_MODEL}", train + harmful, load_model(DEFAULT_MODEL),
+                                     preset.trajectory_tokens, GENERATION_BATCH_SIZE, cache_dir=args.out / "cache")
+    role = ROLE_OF_RECIPE[args.recipe]
+    with run.stage(f"train {role}"):
+        run.train(role, args.recipe, train, anchors, trajectories)
+    with run.stage(f"validate {role}"):
+        results = {role: run.evaluate(role, harmful, trajectories, benign)}
+    print(f"settings: {preset.model_dump_json()}")
+    print(summary_markdown({"preset": f"{args.preset} (validation split)", "results": results, "probes": {},
+                            "timings_s": run.timings, "total_s": sum(run.timings.values())}))
+
+
+if __name__ == "__main__":
+    main()
