@@ -1,7 +1,7 @@
 """Train one model of the reproduction with changed settings and score it on the validation split, never the test.
 
     python benchmarks/recipe_validation.py [--preset full] [--recipe trajectory] [--learning-rate 3e-4]
-        [--anchor-tokens 64] [--benign-ratio 1.0] [--epochs 2] [--out runs/validation]
+        [--anchor-tokens 24] [--benign-ratio 1.0] [--epochs 3] [--out runs/validation]
 
 The validation split (`trajalign.reproduce.validation_sets`) holds AdvBench behaviors after the training ones and
 benign prompts that are neither anchors nor over-refusal test prompts; this is where the presets' settings were
