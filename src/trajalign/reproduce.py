@@ -72,6 +72,11 @@ def split_behaviors(preset: Preset, seed: int = 0) -> tuple[list[Behavior], list
     return behaviors[:preset.train_behaviors], behaviors[-preset.test_behaviors:]
 
 
+def _xstest_stride(xstest: list[Behavior], count: int) -> int:
+    """Test prompts are every stride-th XSTest safe prompt (spread over its types); validation takes those halfway."""
+    return max(2, len(xstest) // count)
+
+
 def benign_sets(preset: Preset) -> tuple[list[Behavior], dict[str, list[Behavior]]]:
     """Anchors train on half of JBB benign and Self-Instruct seed tasks, taken in turn so that any number of
     anchors holds both styles; over-refusal is measured on JBB benign's other half, the Self-Instruct user tasks
@@ -83,7 +88,7 @@ def benign_sets(preset: Preset) -> tuple[list[Behavior], dict[str, list[Behavior
     anchors = in_turn[: preset.anchors]
     n = preset.over_refusal_prompts
     xstest = load_behaviors("xstest-safe")
-    evaluation = {"xstest-safe": xstest[:: max(2, len(xstest) // n)][:n],
+    evaluation = {"xstest-safe": xstest[:: _xstest_stride(xstest, n)][:n],
                   "everyday-benign": (jbb[1::2][: n // 2] + load_behaviors("self-instruct-user")[: n - n // 2])}
     return anchors, evaluation
 
@@ -94,7 +99,7 @@ def validation_sets(preset: Preset, size: int = 40, seed: int = 0) -> tuple[list
     prompts halfway between the test stride's, the next JBB benign and Self-Instruct user tasks)."""
     n = preset.over_refusal_prompts
     xstest = load_behaviors("xstest-safe")
-    stride = max(2, len(xstest) // n)
+    stride = _xstest_stride(xstest, n)
     harmful = _shuffled_advbench(seed)[preset.train_behaviors:preset.train_behaviors + size]
     benign = {"xstest-safe": xstest[stride // 2::stride][: size // 2],
               "everyday-benign": (load_behaviors("jbb-benign")[1::2][n // 2: n // 2 + size // 2]
