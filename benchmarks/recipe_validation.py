@@ -1,7 +1,7 @@
 """Train one model of the reproduction with changed settings and score it on the validation split, never the test.
 
     python benchmarks/recipe_validation.py [--preset full] [--recipe trajectory] [--learning-rate 3e-4]
-        [--anchor-tokens 24] [--benign-ratio 1.0] [--epochs 3] [--out runs/validation]
+        [--anchor-tokens 24] [--benign-ratio R] [--epochs E] [--out runs/validation]
 
 The validation split (`trajalign.reproduce.validation_sets`) holds AdvBench behaviors after the training ones and
 benign prompts that are neither anchors nor over-refusal test prompts; this is where the presets' settings were
@@ -39,18 +39,20 @@ def main() -> None:
     parser.add_argument("--epochs", type=float)
     parser.add_argument("--out", type=Path, default=Path("runs/validation"))
     args = parser.parse_args()
+    role = ROLE_OF_RECIPE[args.recipe]
+    default = PRESETS[args.preset]
+    training = default.training[role].model_copy(update={field: value for field, value in {
+        "benign_ratio": args.benign_ratio, "epochs": args.epochs}.items() if value is not None})
     changes = {field: value for field, value in {"learning_rate": args.learning_rate,
-                                                 "anchor_tokens": args.anchor_tokens,
-                                                 "benign_ratio": args.benign_ratio,
-                                                 "epochs": args.epochs}.items() if value is not None}
-    preset = PRESETS[args.preset].model_copy(update={**changes, "decoding": False})
+                                                 "anchor_tokens": args.anchor_tokens}.items() if value is not None}
+    preset = default.model_copy(update={**changes, "training": {**default.training, role: training},
+                                        "decoding": False})
     run = Reproduction(args.preset, args.out, preset=preset)
     train, _ = split_behaviors(preset)
     anchors, _ = benign_sets(preset)
     harmful, benign = validation_sets(preset)
     trajectories = load_trajectories(f"model:{DEFAULT_MODEL}", train + harmful, load_model(DEFAULT_MODEL),
                                      preset.trajectory_tokens, GENERATION_BATCH_SIZE, cache_dir=args.out / "cache")
-    role = ROLE_OF_RECIPE[args.recipe]
     with run.stage(f"train {role}"):
         run.train(role, args.recipe, train, anchors, trajectories)
     with run.stage(f"validate {role}"):

@@ -1,4 +1,13 @@
-from trajalign.reproduce import PRESETS, benign_sets, split_behaviors, summary_markdown, validation_sets
+from trajalign import reproduce
+from trajalign.reproduce import (
+    PRESETS,
+    Reproduction,
+    RoleTraining,
+    benign_sets,
+    split_behaviors,
+    summary_markdown,
+    validation_sets,
+)
 
 
 def test_split_is_by_behavior_and_fixed():
@@ -38,3 +47,17 @@ def test_summary_markdown_reports_every_model_and_interval():
     text = summary_markdown(summary)
     assert "| original |" in text and "| shallow |" in text and "50% [20%, 80%]" in text
     assert "recover @5" in text
+
+
+def test_each_aligned_model_trains_with_its_own_settings(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(reproduce, "load_model", lambda spec: None)
+    monkeypatch.setattr(reproduce, "run_training", lambda config, **kwargs: seen.setdefault(config.out.name, config))
+    training = {"shallow": RoleTraining(epochs=2, benign_ratio=2.0),
+                "trajectory": RoleTraining(epochs=3, benign_ratio=1.0)}
+    run = Reproduction("full", tmp_path, preset=PRESETS["full"].model_copy(update={"training": training}))
+    for role, recipe in (("shallow", "refusal-sft"), ("trajectory", "trajectory")):
+        run.train(role, recipe, [], [], {})
+        assert (seen[role].epochs, seen[role].recipe.benign_ratio) == (training[role].epochs,
+                                                                        training[role].benign_ratio)
+        assert seen[role].recipe.name == recipe

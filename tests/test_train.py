@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,9 @@ def test_recipe_mix_and_benign_ratio():
     assert {"prefix", "insertion", "refusal"} <= set(kinds)
     again = build_rows(RecipeConfig(name="trajectory", benign_ratio=0.5), CHAT, harmful, benign)
     assert [row.input_ids for row in again] == [row.input_ids for row in rows]
+    repeated = build_rows(RecipeConfig(name="refusal-sft", benign_ratio=2.5), CHAT, harmful[:10], benign[:8])
+    prompts = Counter(tuple(row.input_ids) for row in repeated if row.kind == "anchor")
+    assert sum(prompts.values()) == 25 and len(prompts) == 8 and set(prompts.values()) == {3, 4}
 
 
 def test_constrained_loss_tends_to_cross_entropy_gradient():

@@ -27,6 +27,11 @@ from trajalign.train.recipes import RecipeConfig
 from trajalign.train.trainer import TrainConfig, run_training
 
 
+class RoleTraining(BaseModel):
+    epochs: float
+    benign_ratio: float = Field(description="benign anchor rows per harmful row: the over-refusal lever")
+
+
 class Preset(BaseModel):
     train_behaviors: int
     test_behaviors: int
@@ -34,9 +39,8 @@ class Preset(BaseModel):
     anchors: int
     anchor_tokens: int = Field(description="length of the self-distilled benign answers: the loss averages over "
                                "tokens, so short anchors give their opening (answer, not refuse) more weight")
-    epochs: float
     learning_rate: float = Field(default=3e-4, description="chosen on a validation split of training behaviors")
-    benign_ratio: float = Field(description="benign anchor rows per harmful row: the over-refusal lever")
+    training: dict[str, RoleTraining] = Field(description="per aligned model (shallow, trajectory)")
     depths: list[int] = [0, 5, 10, 20, 40]
     insert_after: int = 8
     insert_length: int = 10
@@ -48,9 +52,15 @@ class Preset(BaseModel):
 
 PRESETS = {
     "quick": Preset(train_behaviors=48, test_behaviors=20, trajectory_tokens=40, anchors=48, anchor_tokens=24,
-                    epochs=2, benign_ratio=1.0),
+                    training={"shallow": RoleTraining(epochs=2, benign_ratio=1.0),
+                              "trajectory": RoleTraining(epochs=2, benign_ratio=1.0)}),
+    # The shallow model's refusal rows are short: two epochs with each anchor twice cost what three epochs with
+    # each once do, and halved its XSTest refusals on validation. The same for the trajectory model (three
+    # epochs, anchors twice) cut its over-refusal less and took 230 s more than the preset's 25 minutes allow.
     "full": Preset(train_behaviors=160, test_behaviors=40, trajectory_tokens=48, anchors=160, anchor_tokens=24,
-                   epochs=3, benign_ratio=1.0, over_refusal_prompts=40, decoding=True, direction_prompts=32,
+                   training={"shallow": RoleTraining(epochs=2, benign_ratio=2.0),
+                             "trajectory": RoleTraining(epochs=3, benign_ratio=1.0)},
+                   over_refusal_prompts=40, decoding=True, direction_prompts=32,
                    layer_step=3),
 }
 ROLES = ("original", "shallow", "trajectory")
@@ -173,10 +183,11 @@ class Reproduction:
             self.log(f"report skipped: {error}")
 
     def train(self, role: str, recipe: str, train: list[Behavior], anchors: list[Behavior], trajectories) -> None:
-        recipe_config = RecipeConfig(name=recipe, benign_ratio=self.preset.benign_ratio)
+        training = self.preset.training[role]
+        recipe_config = RecipeConfig(name=recipe, benign_ratio=training.benign_ratio)
         config = TrainConfig(model=DEFAULT_MODEL, recipe=recipe_config, harmful_limit=None,
                              benign=[], benign_limit=None, trajectory_tokens=self.preset.trajectory_tokens,
-                             anchor_tokens=self.preset.anchor_tokens, epochs=self.preset.epochs,
+                             anchor_tokens=self.preset.anchor_tokens, epochs=training.epochs,
                              learning_rate=self.preset.learning_rate, out=self.out / "models" / role)
         run_training(config, handle=load_model(DEFAULT_MODEL), harmful=train, benign=anchors,
                      trajectories=trajectories, cache_dir=self.out / "cache")

@@ -43,7 +43,8 @@ class RecipeConfig(BaseModel):
     rto_fraction: float = Field(default=1.0, gt=0, le=1, description="rto: share of trajectory positions labelled")
     mix: dict[str, float] = Field(default={"prefix": 0.35, "insertion": 0.35, "plain": 0.3},
                                   description="trajectory recipe: row kinds and their shares")
-    benign_ratio: float = Field(default=0.75, ge=0, description="benign anchor rows per harmful row")
+    benign_ratio: float = Field(default=0.75, ge=0, description="benign anchor rows per harmful row; anchors "
+                                "repeat when there are fewer of them than that")
     seed: int = 0
 
     @field_validator("mix")
@@ -117,10 +118,18 @@ def build_rows(config: RecipeConfig, chat, harmful: list[tuple[str, str, list[in
             for behavior_id, prompt, trajectory in harmful]
     anchors = [builder.anchor(chat.prompt_ids(prompt), answer, finished, behavior_id)
                for behavior_id, prompt, answer, finished in benign]
-    count = min(len(anchors), round(config.benign_ratio * len(rows)))
-    rows += rng.sample(anchors, count)
+    rows += _sample_anchors(anchors, round(config.benign_ratio * len(rows)), rng)
     rng.shuffle(rows)
     return rows
+
+
+def _sample_anchors(anchors: list[TrainingRow], count: int, rng: random.Random) -> list[TrainingRow]:
+    """`count` anchor rows: every anchor the same number of times (give or take one) when there are fewer anchors
+    than rows wanted, so that a benign ratio above what the anchors cover still weighs benign rows as asked."""
+    if not anchors:
+        return []
+    copies, remainder = divmod(count, len(anchors))
+    return anchors * copies + rng.sample(anchors, remainder)
 
 
 def _harmful_row(config: RecipeConfig, builder: RowBuilder, rng: random.Random, behavior_id: str,
