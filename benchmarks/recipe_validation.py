@@ -19,6 +19,7 @@ from trajalign.models.registry import DEFAULT_MODEL
 from trajalign.reproduce import (
     GENERATION_BATCH_SIZE,
     PRESETS,
+    RECIPE_OF_ROLE,
     Reproduction,
     benign_sets,
     split_behaviors,
@@ -26,7 +27,7 @@ from trajalign.reproduce import (
     validation_sets,
 )
 
-ROLE_OF_RECIPE = {"refusal-sft": "shallow", "trajectory": "trajectory"}
+ROLE_OF_RECIPE = {recipe: role for role, recipe in RECIPE_OF_ROLE.items()}
 
 
 def main() -> None:
@@ -54,7 +55,7 @@ def main() -> None:
     trajectories = load_trajectories(f"model:{DEFAULT_MODEL}", train + harmful, load_model(DEFAULT_MODEL),
                                      preset.trajectory_tokens, GENERATION_BATCH_SIZE, cache_dir=args.out / "cache")
     with run.stage(f"train {role}"):
-        run.train(role, args.recipe, train, anchors, trajectories)
+        run.train(role, train, anchors, trajectories)
     with run.stage(f"validate {role}"):
         results = {role: run.evaluate(role, harmful, trajectories, benign)}
     print(f"settings: {preset.model_dump_json()}")

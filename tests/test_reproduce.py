@@ -57,7 +57,7 @@ def test_each_aligned_model_trains_with_its_own_settings(tmp_path, monkeypatch):
                 "trajectory": RoleTraining(epochs=3, benign_ratio=1.0)}
     run = Reproduction("full", tmp_path, preset=PRESETS["full"].model_copy(update={"training": training}))
     for role, recipe in (("shallow", "refusal-sft"), ("trajectory", "trajectory")):
-        run.train(role, recipe, [], [], {})
+        run.train(role, [], [], {})
         assert (seen[role].epochs, seen[role].recipe.benign_ratio) == (training[role].epochs,
                                                                         training[role].benign_ratio)
         assert seen[role].recipe.name == recipe

@@ -64,6 +64,7 @@ PRESETS = {
                    layer_step=3),
 }
 ROLES = ("original", "shallow", "trajectory")
+RECIPE_OF_ROLE = {"shallow": "refusal-sft", "trajectory": "trajectory"}
 CONTINUATION_TOKENS = 24  # what the judge reads
 # A decode step of 64 rows costs ~1.7x one of 16 on 2 cores (bare decode 288 vs 120 tok/s), so trajectories and
 # evaluations, the sampled decoding sweep above all, run in wide batches.
@@ -155,9 +156,9 @@ class Reproduction:
             trajectories = load_trajectories(f"model:{DEFAULT_MODEL}", train + test, original,
                                              self.preset.trajectory_tokens, GENERATION_BATCH_SIZE,
                                              cache_dir=self.out / "cache")
-        for role, recipe in (("shallow", "refusal-sft"), ("trajectory", "trajectory")):
+        for role in RECIPE_OF_ROLE:
             with self.stage(f"train {role}"):
-                self.train(role, recipe, train, anchors, trajectories)
+                self.train(role, train, anchors, trajectories)
         results = {}
         for role in ROLES:
             with self.stage(f"evaluate {role}"):
@@ -182,9 +183,9 @@ class Reproduction:
         except InputError as error:  # matplotlib missing: the summary above still stands
             self.log(f"report skipped: {error}")
 
-    def train(self, role: str, recipe: str, train: list[Behavior], anchors: list[Behavior], trajectories) -> None:
+    def train(self, role: str, train: list[Behavior], anchors: list[Behavior], trajectories) -> None:
         training = self.preset.training[role]
-        recipe_config = RecipeConfig(name=recipe, benign_ratio=training.benign_ratio)
+        recipe_config = RecipeConfig(name=RECIPE_OF_ROLE[role], benign_ratio=training.benign_ratio)
         config = TrainConfig(model=DEFAULT_MODEL, recipe=recipe_config, harmful_limit=None,
                              benign=[], benign_limit=None, trajectory_tokens=self.preset.trajectory_tokens,
                              anchor_tokens=self.preset.anchor_tokens, epochs=training.epochs,
