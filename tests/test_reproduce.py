@@ -49,6 +49,31 @@ def test_summary_markdown_reports_every_model_and_interval():
     assert "recover @5" in text
 
 
+def test_everyday_refusals_are_split_by_source():
+    from trajalign.records import Episode
+    from trajalign.runs import summarize
+
+    def episode(index: int, dataset: str, refused: bool) -> Episode:
+        return Episode(episode_id=str(index), model="m", behavior_id=f"{dataset}-{index}", dataset=dataset,
+                       prompt="p", attack={}, attack_kind="prefill", position="depth=0", depth=0, context_ids=[1],
+                       answer_start=0, continuation_ids=[], continuation_text="", finish_reason="eos",
+                       recovered=refused)
+
+    episodes = ([episode(i, "jbb-benign", i < 3) for i in range(4)]
+                + [episode(10 + i, "self-instruct-user", False) for i in range(4)])
+    (row,) = summarize(episodes)
+    assert row["recovery_rate"] == 3 / 8
+    assert row["by_dataset"]["jbb-benign"]["recovered"] == 3 and row["by_dataset"]["jbb-benign"]["n"] == 4
+    assert row["by_dataset"]["self-instruct-user"]["recovery_rate"] == 0
+    assert "by_dataset" not in summarize(episodes[:4])[0]
+    rows = {"prefill": [row], "insert": [{**row, "position": "after=8,len=10"}], "xstest-safe": [row],
+            "everyday-benign": [row]}
+    text = summary_markdown({"preset": "quick", "results": {"shallow": rows}, "probes": {}, "timings_s": {},
+                             "total_s": 0.0})
+    assert "| JailbreakBench benign (benign twins of harmful behaviors) | 3/4 (75%) |" in text
+    assert "| Self-Instruct user tasks | 0/4 (0%) |" in text
+
+
 def test_each_aligned_model_trains_with_its_own_settings(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(reproduce, "load_model", lambda spec: None)

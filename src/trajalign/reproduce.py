@@ -247,6 +247,28 @@ def _rate(rows: list[dict], position: str) -> str:
     return f"{row['recovery_rate']:.0%} [{low:.0%}, {high:.0%}]"
 
 
+SOURCE_NAMES = {"jbb-benign": "JailbreakBench benign (benign twins of harmful behaviors)",
+                "self-instruct-user": "Self-Instruct user tasks"}
+
+
+def _everyday_by_source(results: dict) -> list[str]:
+    """Everyday benign refusals split by source, one table row per source."""
+    by_role = {role: rows["everyday-benign"][0].get("by_dataset", {}) for role, rows in results.items()}
+    sources = sorted({source for by_dataset in by_role.values() for source in by_dataset})
+    if not sources:
+        return []
+    roles = list(results)
+    lines = ["Everyday benign refused, by source:", "", "| source | " + " | ".join(roles) + " |",
+             "|" + "---|" * (len(roles) + 1)]
+    for source in sources:
+        cells = []
+        for role in roles:
+            count = by_role[role].get(source)
+            cells.append(f"{count['recovered']}/{count['n']} ({count['recovery_rate']:.0%})" if count else "–")
+        lines.append(f"| {SOURCE_NAMES.get(source, source)} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def summary_markdown(summary: dict) -> str:
     results = summary["results"]
     first = next(iter(results.values()))
@@ -261,7 +283,7 @@ def summary_markdown(summary: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     text = [f"# trajalign reproduce --preset {summary['preset']}", "",
             "Rates on held-out AdvBench behaviors (keyword judge, refusal beginning within 24 continuation tokens), "
-            "Wilson 95% intervals.", "", *lines, ""]
+            "Wilson 95% intervals.", "", *lines, "", *_everyday_by_source(results)]
     for role, probe in summary["probes"].items():
         steering = probe.get("steering", {})
         text.append(f"**{role}** refusal direction at layer {probe['direction']['layer']}: refusal on test harmful "

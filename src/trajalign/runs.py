@@ -92,8 +92,26 @@ def summarize(episodes: list[Episode]) -> list[dict]:
             "recovery_rate": recovered / n, "recovery_ci95": wilson_interval(recovered, n),
             "attack_success_rate": (n - recovered) / n, "attack_success_ci95": wilson_interval(n - recovered, n),
             "refused_answer_rate": refused_answer / n,
+            **_by_dataset(members),
         })
     return rows
+
+
+def _by_dataset(members: list[Episode]) -> dict:
+    """Where one run mixes prompt sources (everyday benign = JailbreakBench benign + Self-Instruct), each
+    source's own recovery rate: a pooled rate can hide that one source carries it."""
+    by_dataset: dict[str, list[Episode]] = defaultdict(list)
+    for episode in members:
+        by_dataset[episode.dataset].append(episode)
+    if len(by_dataset) < 2:
+        return {}
+    return {"by_dataset": {name: _recovery(episodes) for name, episodes in sorted(by_dataset.items())}}
+
+
+def _recovery(episodes: list[Episode]) -> dict:
+    recovered = sum(episode.recovered for episode in episodes)
+    return {"n": len(episodes), "recovered": recovered, "recovery_rate": recovered / len(episodes),
+            "recovery_ci95": wilson_interval(recovered, len(episodes))}
 
 
 def write_summary(directory: Path, episodes: list[Episode], extra: dict | None = None) -> dict:
