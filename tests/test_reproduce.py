@@ -8,6 +8,7 @@ from trajalign.reproduce import (
     summary_markdown,
     validation_sets,
 )
+from trajalign.train.trainer import LoraSettings
 
 
 def test_split_is_by_behavior_and_fixed():
@@ -79,10 +80,11 @@ def test_each_aligned_model_trains_with_its_own_settings(tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce, "load_model", lambda spec: None)
     monkeypatch.setattr(reproduce, "run_training", lambda config, **kwargs: seen.setdefault(config.out.name, config))
     training = {"shallow": RoleTraining(epochs=2, benign_ratio=2.0),
-                "trajectory": RoleTraining(epochs=3, benign_ratio=1.0)}
+                "trajectory": RoleTraining(epochs=3, benign_ratio=1.0, lora=LoraSettings(r=8))}
     run = Reproduction("full", tmp_path, preset=PRESETS["full"].model_copy(update={"training": training}))
     for role, recipe in (("shallow", "refusal-sft"), ("trajectory", "trajectory")):
         run.train(role, [], [], {})
         assert (seen[role].epochs, seen[role].recipe.benign_ratio) == (training[role].epochs,
                                                                         training[role].benign_ratio)
         assert seen[role].recipe.name == recipe
+        assert seen[role].lora == training[role].lora

@@ -24,12 +24,13 @@ from trajalign.models.loading import load_model
 from trajalign.models.registry import DEFAULT_MODEL
 from trajalign.probe.run import ProbeConfig, run_probe
 from trajalign.train.recipes import RecipeConfig
-from trajalign.train.trainer import TrainConfig, run_training
+from trajalign.train.trainer import LoraSettings, TrainConfig, run_training
 
 
 class RoleTraining(BaseModel):
     epochs: float
     benign_ratio: float = Field(description="benign anchor rows per harmful row: the over-refusal lever")
+    lora: LoraSettings | None = Field(default=None, description="train a LoRA adapter, merged on save")
 
 
 class Preset(BaseModel):
@@ -189,7 +190,8 @@ class Reproduction:
         config = TrainConfig(model=DEFAULT_MODEL, recipe=recipe_config, harmful_limit=None,
                              benign=[], benign_limit=None, trajectory_tokens=self.preset.trajectory_tokens,
                              anchor_tokens=self.preset.anchor_tokens, epochs=training.epochs,
-                             learning_rate=self.preset.learning_rate, out=self.out / "models" / role)
+                             learning_rate=self.preset.learning_rate, lora=training.lora,
+                             out=self.out / "models" / role)
         run_training(config, handle=load_model(DEFAULT_MODEL), harmful=train, benign=anchors,
                      trajectories=trajectories, cache_dir=self.out / "cache")
 
