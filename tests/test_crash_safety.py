@@ -99,6 +99,7 @@ def test_training_killed_with_sigkill_resumes_from_its_checkpoint(model_dir, tmp
               lambda: any((path / "trainer_state.json").exists() for path in checkpoints.glob("checkpoint-*")))
     assert not (tmp_path / "killed" / "trajalign-trained.json").exists()
     run_to_end(train_argv(model_dir, tmp_path / "killed"), tmp_path)
+    assert not checkpoints.exists(), "a finished run keeps no resume point"
     resumed = load_file(tmp_path / "killed" / "model.safetensors")
     uninterrupted = load_file(tmp_path / "full" / "model.safetensors")
     for name, tensor in uninterrupted.items():

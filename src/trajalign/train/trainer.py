@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -213,6 +214,8 @@ def run_training(config: TrainConfig, handle=None, harmful: list[Behavior] | Non
         _save(trainer.model, handle, config, out)
         _write_log(trainer.state.log_history, out)
         (out / DONE_MARKER).write_text(json.dumps({"rows": len(rows), "steps": trainer.state.global_step}))
+        # Only a killed run needs a resume point; the optimizer state makes a checkpoint ~2.5x the model.
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return out
 
 
