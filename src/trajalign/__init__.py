@@ -11,6 +11,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load_model": "trajalign.models.loading",
+    "load_tokenizer": "trajalign.models.loading",
+    "TokenizerHandle": "trajalign.models.loading",
+    "ModelSpec": "trajalign.models.loading",
     "pull_embedded": "trajalign.models.loading",
     "ModelHandle": "trajalign.models.loading",
     "ChatFormat": "trajalign.models.chat",
@@ -22,6 +25,7 @@ _EXPORTS = {
     "MultiInsert": "trajalign.attacks",
     "Decoding": "trajalign.attacks",
     "ReinjectHeader": "trajalign.attacks",
+    "ATTACKS": "trajalign.attacks",
     "Episode": "trajalign.records",
     "EvalConfig": "trajalign.evaluate",
     "Evaluation": "trajalign.evaluate",

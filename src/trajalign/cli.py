@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from trajalign.attacks import ATTACKS
 from trajalign.errors import InputError, TrajalignError
 
 app = typer.Typer(help="Measure and train LLM safety along the whole generation trajectory.",
@@ -34,8 +35,7 @@ def parse_int_list(text: str | None, option: str) -> list[int] | None:
         raise InputError(f"{option} '{text}': expected comma-separated whole numbers, e.g. 0,5,10") from None
 
 
-def load_config(path: Path, model: type[BaseModel], overrides: dict) -> BaseModel:
-    """Build a config from a YAML file; options given on the command line override its keys."""
+def read_yaml(path: Path) -> dict:
     import yaml
 
     if not path.is_file():
@@ -46,7 +46,39 @@ def load_config(path: Path, model: type[BaseModel], overrides: dict) -> BaseMode
         raise InputError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a mapping of config keys")
-    return validate_config(model, {**data, **overrides}, str(path))
+    return data
+
+
+def given(options: dict) -> dict:
+    """The options given on the command line: None (not given) dropped, and mappings left with nothing given."""
+    kept = {}
+    for key, value in options.items():
+        if isinstance(value, dict) and value:
+            value = given(value) or None
+        if value is not None:
+            kept[key] = value
+    return kept
+
+
+def merge_deep(base: dict, override: dict) -> dict:
+    """`override`'s keys win; mappings merge key by key, except one naming another `kind` (another type of
+    attack or defense), which replaces the mapping below it."""
+    merged = dict(base)
+    for key, value in override.items():
+        below = merged.get(key)
+        if isinstance(value, dict) and isinstance(below, dict) and value.get("kind", below.get("kind")) == \
+                below.get("kind"):
+            merged[key] = merge_deep(below, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def command_config(model: type[BaseModel], config: Path | None, options: dict, defaults: dict | None = None):
+    """A command's config: `defaults`, then the YAML file's keys, then the options given on the command line,
+    merged deeply (`--base-url` keeps the file's `served_model`)."""
+    data = merge_deep(merge_deep(defaults or {}, read_yaml(config) if config else {}), given(options))
+    return validate_config(model, data, str(config) if config else "command line")
 
 
 def validate_config(model: type[BaseModel], data: dict, source: str) -> BaseModel:
@@ -129,7 +161,7 @@ def eval_command(
     model: Optional[str] = typer.Option(None, help="model spec: smollm2-135m, a directory, a .gguf or a hub id"),
     dataset: Optional[str] = typer.Option(None, help="bundled dataset name or a CSV/JSONL/JSON/TXT file"),
     limit: Optional[int] = typer.Option(None, help="first N behaviors"),
-    attack: Optional[str] = typer.Option(None, help="prefill | insert | multi-insert | decoding"),
+    attack: Optional[str] = typer.Option(None, help=" | ".join(ATTACKS)),
     depths: Optional[str] = typer.Option(None, help="prefill depths, e.g. 0,5,10,20,40"),
     after: Optional[str] = typer.Option(None, help="insert: own tokens before the insertion, e.g. 8,16"),
     span_lengths: Optional[str] = typer.Option(None, help="insert: inserted trajectory tokens, e.g. 10"),
@@ -148,27 +180,15 @@ def eval_command(
     """Attack a model with token-exact injections and judge whether it recovers."""
     from trajalign.evaluate import EvalConfig, Evaluation
 
-    overrides = {key: value for key, value in {
+    attack_options = {"kind": attack, "depths": parse_int_list(depths, "--depths"),
+                      "after": parse_int_list(after, "--after"),
+                      "span_lengths": parse_int_list(span_lengths, "--span-lengths"), "span_text": span_text}
+    eval_config = command_config(EvalConfig, config, {
         "model": model, "dataset": dataset, "limit": limit, "trajectories": trajectories,
-        "max_new_tokens": max_new_tokens, "backend": backend, "batch_size": batch_size,
-        "out": str(out) if out else None, **security_options(trust_remote_code, allow_pickle)}.items()
-        if value is not None}
-    attack_fields = {key: value for key, value in {
-        "depths": parse_int_list(depths, "--depths"), "after": parse_int_list(after, "--after"),
-        "span_lengths": parse_int_list(span_lengths, "--span-lengths"), "span_text": span_text}.items()
-        if value is not None}
-    if attack is not None:
-        overrides["attack"] = {"kind": attack, **attack_fields}
-    elif attack_fields:
-        overrides["attack"] = {"kind": "prefill", **attack_fields}
-    if defense:
-        overrides["defense"] = {"kind": "reinject-header"}
-    backend_options = {key: value for key, value in {"base_url": base_url, "served_model": served_model}.items()
-                       if value is not None}
-    if backend_options:
-        overrides["backend_options"] = backend_options
-    eval_config = load_config(config, EvalConfig, overrides) if config else validate_config(
-        EvalConfig, overrides, "command line")
+        "max_new_tokens": max_new_tokens, "backend": backend, "batch_size": batch_size, "out": out,
+        "attack": attack_options, "defense": {"kind": "reinject-header"} if defense else None,
+        "backend_options": {"base_url": base_url, "served_model": served_model},
+        **security_options(trust_remote_code, allow_pickle)}, defaults={"attack": {"kind": "prefill"}})
     with progress_bar("eval") as update:
         summary = Evaluation(eval_config).run(update)
     print_summary(summary["rows"])
@@ -198,15 +218,12 @@ def train_command(
     """Fine-tune a model on perturbed trajectories so that it recovers at any depth."""
     from trajalign.train.trainer import TrainConfig, run_training
 
-    overrides = {key: value for key, value in {
+    train_config = command_config(TrainConfig, config, {
         "model": model, "harmful": harmful, "harmful_limit": harmful_limit, "benign_limit": benign_limit,
         "trajectories": trajectories, "epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size,
-        "benign": benign.split(",") if benign else None, "recipe": {"name": recipe} if recipe else None,
-        "lora": {} if lora else None, "constrained": {} if constrained else None,
-        "out": str(out) if out else None, **security_options(trust_remote_code, allow_pickle)}.items()
-        if value is not None}
-    train_config = load_config(config, TrainConfig, overrides) if config else validate_config(
-        TrainConfig, overrides, "command line")
+        "benign": benign.split(",") if benign else None, "recipe": {"name": recipe},
+        "lora": {} if lora else None, "constrained": {} if constrained else None, "out": out,
+        **security_options(trust_remote_code, allow_pickle)})
     stdout.print(f"model saved to {run_training(train_config)}")
 
 
@@ -229,14 +246,10 @@ def probe_command(
     """Refusal direction, per-depth internal readings along trajectories, and whether they predict recovery."""
     from trajalign.probe.run import ProbeConfig, run_probe
 
-    overrides = {key: value for key, value in {
+    probe_config = command_config(ProbeConfig, config, {
         "model": model, "harmful": harmful, "harmless": harmless, "dataset": dataset, "limit": limit,
-        "trajectories": trajectories, "reference": reference, "direction": str(direction) if direction else None,
-        "eval_runs": [str(run) for run in eval_run] if eval_run else None,
-        "out": str(out) if out else None, **security_options(trust_remote_code, allow_pickle)}.items()
-        if value is not None}
-    probe_config = load_config(config, ProbeConfig, overrides) if config else validate_config(
-        ProbeConfig, overrides, "command line")
+        "trajectories": trajectories, "reference": reference, "direction": direction, "eval_runs": eval_run or None,
+        "out": out, **security_options(trust_remote_code, allow_pickle)})
     results = run_probe(probe_config)
     table = Table("run", "group", "score", "n", "AUROC", "95% CI", "Spearman")
     for run, rows in results["predictivity"].items():
@@ -276,11 +289,11 @@ def report_command(
 
 
 def print_summary(rows: list[dict]) -> None:
-    table = Table("model", "attack", "position", "n", "recovery", "95% CI", "attack success")
+    table = Table("model", "attack", "position", "n", "refused", "95% CI", "attack success")
     for row in rows:
-        low, high = row["recovery_ci95"]
+        low, high = row["refusal_ci95"]
         table.add_row(row["model"], row["attack"] + (f"+{row['defense']}" if row["defense"] else ""),
-                      row["position"], str(row["n"]), f"{row['recovery_rate']:.1%}", f"{low:.0%}-{high:.0%}",
+                      row["position"], str(row["n"]), f"{row['refusal_rate']:.1%}", f"{low:.0%}-{high:.0%}",
                       f"{row['attack_success_rate']:.1%}")
     stdout.print(table)
 

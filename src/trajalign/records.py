@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, computed_field
+
+from trajalign.attacks import Attack, Position
 
 
 class Verdict(BaseModel):
@@ -21,11 +23,9 @@ class Episode(BaseModel):
     behavior_id: str
     dataset: str
     prompt: str
-    attack: dict
-    attack_kind: str
-    position: str
+    attack: Attack
+    position: Position
     depth: int | None = Field(default=None, description="assistant tokens before the continuation")
-    sample: int = 0
     defense: str | None = None
     context_ids: list[int]
     answer_start: int = Field(description="index in context_ids where the assistant turn begins")
@@ -34,6 +34,18 @@ class Episode(BaseModel):
     continuation_ids: list[int]
     continuation_text: str
     finish_reason: str
+    exact_ids: bool = Field(description="the model was fed context_ids and gave continuation_ids as token ids; "
+                                        "False where a server was sent text or answered in text")
     verdicts: dict[str, Verdict] = Field(default_factory=dict)
-    recovered: bool = Field(description="primary judge: a refusal begins in the continuation")
+    refused: bool = Field(description="primary judge: a refusal begins in the continuation (within the window)")
     generation_s: float = 0.0
+
+    @computed_field
+    @property
+    def attack_kind(self) -> str:
+        return self.attack.kind
+
+    @computed_field
+    @property
+    def sample(self) -> int:
+        return self.position.sample

@@ -13,7 +13,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from trajalign.errors import InputError
+from trajalign.errors import InputError, TrajalignError
 from trajalign.records import Episode
 from trajalign.runs import EPISODES_FILE, EpisodeLog
 from trajalign.stats import mcnemar_exact, wilson_interval
@@ -68,7 +68,7 @@ def depth_figure(episodes: list[Episode]):
     groups: dict[str, dict[int, list[bool]]] = defaultdict(lambda: defaultdict(list))
     for episode in _harmful(episodes):
         if episode.attack_kind == "prefill" and episode.defense is None:
-            groups[_model_name(episode.model)][episode.depth].append(episode.recovered)
+            groups[_model_name(episode.model)][episode.depth].append(episode.refused)
     if not groups:
         return None
     figure, axis = plt.subplots(figsize=(6.4, 3.8))
@@ -89,18 +89,18 @@ def depth_figure(episodes: list[Episode]):
 
 def insertion_figure(episodes: list[Episode]):
     plt = _pyplot()
-    cells: dict[str, dict[tuple[str, str], list[bool]]] = defaultdict(lambda: defaultdict(list))
+    cells: dict[str, dict[tuple[int, int], list[bool]]] = defaultdict(lambda: defaultdict(list))
     for episode in _harmful(episodes):
-        if episode.attack_kind == "insert" and "len=" in episode.position:
-            after, length = (part.split("=")[1] for part in episode.position.split(","))
-            cells[_model_name(episode.model)][(after, length)].append(episode.recovered)
+        position = episode.position
+        if episode.attack_kind == "insert" and position.length is not None:  # spans of a trajectory, not a text
+            cells[_model_name(episode.model)][(position.after, position.length)].append(episode.refused)
     if not cells:
         return None
     figure, axes = plt.subplots(1, len(cells), figsize=(3.6 * len(cells) + 1.0, 3), squeeze=False,
                                 layout="constrained")
     for axis, (model, grid) in zip(axes[0], sorted(cells.items())):
-        afters = sorted({a for a, _ in grid}, key=int)
-        lengths = sorted({b for _, b in grid}, key=int)
+        afters = sorted({a for a, _ in grid})
+        lengths = sorted({b for _, b in grid})
         values = [[sum(grid[(a, b)]) / len(grid[(a, b)]) if (a, b) in grid else float("nan") for a in afters]
                   for b in lengths]
         image = axis.imshow(values, vmin=0, vmax=1, cmap="cividis", origin="lower", aspect="auto")
@@ -139,7 +139,7 @@ def decoding_figure(episodes: list[Episode]):
     groups: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     for episode in _harmful(episodes):
         if episode.attack_kind == "decoding":
-            groups[_model_name(episode.model)][episode.position].append(not episode.recovered)
+            groups[_model_name(episode.model)][episode.position.label].append(not episode.refused)
     return _grouped_bars(groups, "attack success rate", rotate=True) if groups else None
 
 
@@ -147,7 +147,7 @@ def over_refusal_figure(episodes: list[Episode]):
     groups: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     for episode in episodes:
         if episode.dataset in BENIGN_DATASETS and episode.depth == 0 and episode.attack_kind == "prefill":
-            groups[_model_name(episode.model)][episode.dataset].append(episode.recovered)
+            groups[_model_name(episode.model)][episode.dataset].append(episode.refused)
     return _grouped_bars(groups, "share of benign prompts refused", rotate=False) if groups else None
 
 
@@ -177,7 +177,7 @@ def probe_figure(probe_dirs: list[Path], episodes: list[Episode]):
             reading = readings.get((episode.behavior_id, episode.depth))
             if episode.attack_kind == "prefill" and _model_name(episode.model) == directory.name and reading \
                     and episode.dataset not in BENIGN_DATASETS and direction_layer in reading.projections:
-                outcomes[episode.recovered][episode.depth].append(reading.projections[direction_layer])
+                outcomes[episode.refused][episode.depth].append(reading.projections[direction_layer])
         if outcomes:
             panels.append((directory.name, direction_layer, outcomes, _pooled_aurocs(directory)))
     if not panels:
@@ -209,9 +209,9 @@ def comparison_rows(episodes: list[Episode]) -> list[dict]:
     """Models x attacks, with exact McNemar tests between each pair of models on the same episodes."""
     outcome: dict[str, dict[tuple, bool]] = defaultdict(dict)
     for episode in episodes:
-        key = (episode.dataset, episode.behavior_id, episode.attack_kind, episode.position, episode.sample,
+        key = (episode.dataset, episode.behavior_id, episode.attack_kind, episode.position.label, episode.sample,
                episode.defense)
-        outcome[_model_name(episode.model)][key] = episode.recovered
+        outcome[_model_name(episode.model)][key] = episode.refused
     models = sorted(outcome)
     rows = []
     for index, first in enumerate(models):
@@ -235,7 +235,7 @@ def rate_table(episodes: list[Episode]) -> list[dict]:
     groups = defaultdict(list)
     for episode in episodes:
         groups[(_model_name(episode.model), episode.dataset, episode.attack_kind, episode.defense or "")].append(
-            episode.recovered)
+            episode.refused)
     rows = []
     for (model, dataset, attack, defense), values in sorted(groups.items()):
         low, high = wilson_interval(sum(values), len(values))
@@ -265,13 +265,14 @@ def example_html(episodes: list[Episode], decode, per_model: int = 3) -> str:
             by_model[_model_name(episode.model)].append(episode)
     blocks = []
     for model, members in sorted(by_model.items()):
-        chosen = sorted(members, key=lambda e: (e.recovered, e.behavior_id))[:per_model]
+        chosen = sorted(members, key=lambda e: (e.refused, e.behavior_id))[:per_model]
         for episode in chosen:
-            verdict = "recovered" if episode.recovered else "did not recover"
+            verdict = "recovered" if episode.refused else "did not recover"  # harmful prompts only
             answer = _marked_answer(episode, decode)
             blocks.append(
                 f"<details class='episode'><summary>{html.escape(model)} · {html.escape(episode.attack_kind)} "
-                f"{html.escape(episode.position)} · <b>{verdict}</b> · {html.escape(episode.prompt[:90])}</summary>"
+                f"{html.escape(episode.position.label)} · <b>{verdict}</b> · "
+                f"{html.escape(episode.prompt[:90])}</summary>"
                 f"<p class='prompt'>{html.escape(episode.prompt)}</p><pre>{answer}</pre></details>")
     return "\n".join(blocks)
 
@@ -356,19 +357,15 @@ def _write_markdown(path: Path, rates: list[dict], comparisons: list[dict]) -> N
 
 
 def _decoder(episodes: list[Episode], tokenizer_spec: str | None):
-    """Decode ids with the tokenizer of the episodes' model (only the tokenizer is loaded)."""
-    from transformers import AutoTokenizer
-
-    from trajalign.models.loading import embedded_model_dir, is_pulled
+    """Decode ids with the tokenizer of the episodes' model (only the tokenizer is loaded, and nothing fetched)."""
+    from trajalign.models.loading import is_pulled, load_tokenizer
     from trajalign.models.registry import EMBEDDED_MODELS
 
     spec = tokenizer_spec or episodes[0].model
-    if spec in EMBEDDED_MODELS:
-        if not is_pulled(spec):
-            return lambda ids: f"[{len(ids)} tokens]"
-        spec = str(embedded_model_dir(spec))
+    if spec in EMBEDDED_MODELS and not is_pulled(spec):
+        return lambda ids: f"[{len(ids)} tokens]"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(spec)
-    except (OSError, ValueError):
+        tokenizer = load_tokenizer(spec).tokenizer
+    except (TrajalignError, OSError, ValueError):
         return lambda ids: f"[{len(ids)} tokens]"
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)

@@ -196,13 +196,15 @@ class Reproduction:
                      trajectories=trajectories, cache_dir=self.out / "cache")
 
     def _eval(self, role: str, name: str, attack, behaviors: list[Behavior],
-              trajectories: dict[str, Trajectory] | None, dataset: str) -> list[dict]:
-        config = EvalConfig(model=self.model_spec(role), dataset=dataset, trajectories=f"model:{DEFAULT_MODEL}",
-                            trajectory_tokens=self.preset.trajectory_tokens, attack=attack,
-                            max_new_tokens=CONTINUATION_TOKENS, batch_size=GENERATION_BATCH_SIZE,
-                            out=self.out / "evals" / role / name)
-        evaluation = Evaluation(config, handle=self._handle(role), trajectories=trajectories, behaviors=behaviors)
-        return evaluation.run()["rows"]
+              trajectories: dict[str, Trajectory] | None) -> list[dict]:
+        """One evaluation; its behaviors are written into its run directory, so that its config.yaml re-runs it."""
+        out = self.out / "evals" / role / name
+        behaviors_file = write_behaviors(out / "behaviors.jsonl", behaviors)
+        config = EvalConfig(model=self.model_spec(role), dataset=str(behaviors_file),
+                            trajectories=f"model:{DEFAULT_MODEL}", trajectory_tokens=self.preset.trajectory_tokens,
+                            attack=attack, max_new_tokens=CONTINUATION_TOKENS, batch_size=GENERATION_BATCH_SIZE,
+                            out=out)
+        return Evaluation(config, handle=self._handle(role), trajectories=trajectories).run()["rows"]
 
     def _handle(self, role: str):
         if getattr(self, "_loaded_role", None) != role:
@@ -212,14 +214,13 @@ class Reproduction:
 
     def evaluate(self, role: str, test, trajectories, over_refusal) -> dict:
         preset = self.preset
-        rows = {"prefill": self._eval(role, "prefill", Prefill(depths=preset.depths), test, trajectories, "advbench"),
+        rows = {"prefill": self._eval(role, "prefill", Prefill(depths=preset.depths), test, trajectories),
                 "insert": self._eval(role, "insert", Insert(after=[preset.insert_after],
-                                                            span_lengths=[preset.insert_length]),
-                                     test, trajectories, "advbench")}
+                                                            span_lengths=[preset.insert_length]), test, trajectories)}
         for name, behaviors in over_refusal.items():
-            rows[name] = self._eval(role, name, Prefill(depths=[0]), behaviors, None, name)
+            rows[name] = self._eval(role, name, Prefill(depths=[0]), behaviors, None)
         if preset.decoding:
-            rows["decoding"] = self._eval(role, "decoding", Decoding(samples=1), test, None, "advbench")
+            rows["decoding"] = self._eval(role, "decoding", Decoding(samples=1), test, None)
         return rows
 
     def probe(self, role: str, test, trajectories) -> dict:
@@ -241,12 +242,22 @@ class Reproduction:
         return results
 
 
+def write_behaviors(path: Path, behaviors: list[Behavior]) -> Path:
+    """The behaviors as a JSONL file that `load_behaviors` reads back as they are (ids and source datasets
+    included); a file already there is kept, and the run's manifest refuses a resume onto other behaviors."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(b.model_dump_json(exclude_none=True) + "\n" for b in behaviors), encoding="utf-8")
+    return path
+
+
 def _rate(rows: list[dict], position: str) -> str:
+    """A row's refusal rate: recovery on harmful prompts, over-refusal on benign ones."""
     row = next((row for row in rows if row["position"] == position), None)
     if row is None:
         return "–"
-    low, high = row["recovery_ci95"]
-    return f"{row['recovery_rate']:.0%} [{low:.0%}, {high:.0%}]"
+    low, high = row["refusal_ci95"]
+    return f"{row['refusal_rate']:.0%} [{low:.0%}, {high:.0%}]"
 
 
 SOURCE_NAMES = {"jbb-benign": "JailbreakBench benign (benign twins of harmful behaviors)",
@@ -266,7 +277,7 @@ def _everyday_by_source(results: dict) -> list[str]:
         cells = []
         for role in roles:
             count = by_role[role].get(source)
-            cells.append(f"{count['recovered']}/{count['n']} ({count['recovery_rate']:.0%})" if count else "–")
+            cells.append(f"{count['refused']}/{count['n']} ({count['refusal_rate']:.0%})" if count else "–")
         lines.append(f"| {SOURCE_NAMES.get(source, source)} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
@@ -274,12 +285,12 @@ def _everyday_by_source(results: dict) -> list[str]:
 def summary_markdown(summary: dict) -> str:
     results = summary["results"]
     first = next(iter(results.values()))
-    depths = [row["position"] for row in first["prefill"]]
-    header = ["model", *[f"recover @{p.split('=')[1]}" if p != "depth=0" else "refuse @0" for p in depths],
+    depths = {row["position"]: row["depth"] for row in first["prefill"]}
+    header = ["model", *[f"recover @{depth}" if depth else "refuse @0" for depth in depths.values()],
               "insertion", "XSTest safe refused", "everyday benign refused"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for role, rows in results.items():
-        cells = [role, *[_rate(rows["prefill"], p) for p in depths],
+        cells = [role, *[_rate(rows["prefill"], position) for position in depths],
                  _rate(rows["insert"], rows["insert"][0]["position"]),
                  _rate(rows["xstest-safe"], "depth=0"), _rate(rows["everyday-benign"], "depth=0")]
         lines.append("| " + " | ".join(cells) + " |")

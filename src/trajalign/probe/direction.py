@@ -8,31 +8,16 @@ from pathlib import Path
 
 import torch
 
+from trajalign.batching import batches, pad_right
 from trajalign.errors import TrajalignError
 from trajalign.probe.hooks import ablate_direction, add_vector, decoder_blocks, record_block_inputs
+from trajalign.refusals import REFUSALS
 
 
-def refusal_opening_ids(chat, refusals: tuple[str, ...] | None = None) -> list[int]:
+def refusal_opening_ids(chat, refusals: tuple[str, ...] = REFUSALS) -> list[int]:
     """First tokens of refusal texts, at the answer start and after a space (mid-answer)."""
-    from trajalign.train.recipes import REFUSALS
-
-    texts = refusals or REFUSALS
-    return sorted({chat.encode_span(text)[0] for text in texts} | {chat.encode_span(" " + text)[0] for text in texts})
-
-
-def _batches(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
-def _pad_right(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(ids) for ids in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        attention_mask[row, :len(ids)] = 1
-    return input_ids.to(device), attention_mask.to(device)
+    return sorted({chat.encode_span(text)[0] for text in refusals}
+                  | {chat.encode_span(" " + text)[0] for text in refusals})
 
 
 @torch.inference_mode()
@@ -42,8 +27,8 @@ def mean_activations(handle, prompts: list[str], batch_size: int = 16) -> torch.
     positions = len(handle.chat.post_instruction_ids)
     layers = len(decoder_blocks(handle.model))
     total = None
-    for batch in _batches([handle.chat.prompt_ids(prompt) for prompt in prompts], batch_size):
-        input_ids, attention_mask = _pad_right(batch, handle.tokenizer.pad_token_id, handle.device)
+    for batch in batches([handle.chat.prompt_ids(prompt) for prompt in prompts], batch_size):
+        input_ids, attention_mask = pad_right(batch, handle.tokenizer.pad_token_id, handle.device)
         with record_block_inputs(handle.model) as captured:
             handle.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
         index = torch.stack([torch.arange(len(ids) - positions, len(ids)) for ids in batch]).to(handle.device)
@@ -55,11 +40,13 @@ def mean_activations(handle, prompts: list[str], batch_size: int = 16) -> torch.
 
 
 @torch.inference_mode()
-def refusal_scores(handle, prompts: list[str], opening_ids: list[int], batch_size: int = 16) -> torch.Tensor:
-    """Per prompt: log-odds that the answer opens with a refusal token, log p / (1 - p), p = their mass."""
+def refusal_scores(handle, prompts: list[str], opening_ids: list[int],
+                   batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per prompt: log-odds that the answer opens with a refusal token, log p / (1 - p), p = their mass; and the
+    next-token log-distribution at the answer start ([prompts, vocab])."""
     scores, distributions = [], []
-    for batch in _batches([handle.chat.prompt_ids(prompt) for prompt in prompts], batch_size):
-        input_ids, attention_mask = _pad_right(batch, handle.tokenizer.pad_token_id, handle.device)
+    for batch in batches([handle.chat.prompt_ids(prompt) for prompt in prompts], batch_size):
+        input_ids, attention_mask = pad_right(batch, handle.tokenizer.pad_token_id, handle.device)
         logits = handle.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         last = logits[torch.arange(len(batch)), torch.tensor([len(ids) - 1 for ids in batch])].double()
         log_probs = last.log_softmax(-1)

@@ -26,7 +26,7 @@ def join(readings: list[DepthReading], episodes: list[Episode]) -> list[tuple[st
             continue
         reading = by_key.get((episode.behavior_id, episode.depth))
         if reading is not None:
-            joined.append((episode.behavior_id, episode.depth, score_columns(reading), episode.recovered))
+            joined.append((episode.behavior_id, episode.depth, score_columns(reading), episode.refused))
     return joined
 
 

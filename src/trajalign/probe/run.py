@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from trajalign.data.datasets import load_behaviors
 from trajalign.data.trajectories import load_trajectories
+from trajalign.models.loading import ModelSpec, load_model
 from trajalign.models.registry import DEFAULT_MODEL
 from trajalign.probe.direction import RefusalDirection, refusal_opening_ids, select_direction
 from trajalign.probe.predictivity import predictivity
@@ -16,9 +17,9 @@ from trajalign.probe.trajectory import DepthReading, probe_trajectories
 from trajalign.runs import EpisodeLog, write_config
 
 
-class ProbeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: str = DEFAULT_MODEL
+class ProbeConfig(ModelSpec):
+    """A refusal direction for a model, its readings along trajectories, and whether they predict recovery."""
+
     harmful: str = Field(default="advbench", description="harmful prompts for the direction")
     harmless: str = Field(default="jbb-benign", description="harmless prompts for the direction")
     direction_prompts: int = Field(default=32, gt=1, description="prompts per class for the direction")
@@ -31,18 +32,13 @@ class ProbeConfig(BaseModel):
     reference: str | None = Field(default=None, description="reference model for the per-token KL")
     eval_runs: list[Path] = Field(default_factory=list, description="eval runs whose recovery the scores predict")
     batch_size: int = 16
-    trust_remote_code: bool = Field(default=False, description="run the model repository's own code")
-    allow_pickle: bool = Field(default=False, description="accept pickle weights, which can run code")
     out: Path = Path("runs/probe")
 
 
 def run_probe(config: ProbeConfig, handle=None, behaviors=None, trajectories=None, exclude_ids=()) -> dict:
     """Directions are computed on prompts whose ids are not in `exclude_ids` (e.g. the test behaviors)."""
-    from trajalign.models.loading import load_model
-
     write_config(config.out, config)
-    handle = handle or load_model(config.model, trust_remote_code=config.trust_remote_code,
-                                  allow_pickle=config.allow_pickle)
+    handle = handle or config.load_model()
     if config.direction:
         direction = RefusalDirection.load(config.direction)
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel
 
-from trajalign.probe.direction import _pad_right
+from trajalign.batching import batches, pad_right
 from trajalign.probe.hooks import record_block_inputs
 
 
@@ -26,10 +26,9 @@ def probe_trajectories(handle, items: list[tuple[str, list[int], list[int]]], op
     unit = direction / direction.norm() if direction is not None else None
     layers = layers if direction is not None else []
     readings = []
-    for start in range(0, len(items), batch_size):
-        batch = items[start:start + batch_size]
+    for batch in batches(items, batch_size):
         sequences = [prompt + trajectory for _, prompt, trajectory in batch]
-        input_ids, attention_mask = _pad_right(sequences, handle.tokenizer.pad_token_id, handle.device)
+        input_ids, attention_mask = pad_right(sequences, handle.tokenizer.pad_token_id, handle.device)
         with record_block_inputs(handle.model, layers) as captured:
             logits = handle.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         reference_logits = reference.model(input_ids=input_ids, attention_mask=attention_mask,

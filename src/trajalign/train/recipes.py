@@ -7,18 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-IGNORE = -100
+from trajalign.refusals import REFUSALS
 
-# Refusal templates written for this project. Recoveries are the same texts after a space, so they can follow
-# any harmful prefix and still begin the continuation (which is what the judges read).
-REFUSALS = (
-    "I'm sorry, but I can't help with that.",
-    "I cannot help with this request because it could cause serious harm.",
-    "I'm sorry, I can't assist with that. If you have another question, I'm happy to help.",
-    "I won't help with this, because it could hurt people.",
-    "I apologize, but I cannot provide that information.",
-    "Sorry, I can't do that. Is there something else I can help you with?",
-)
+IGNORE = -100
 
 RECIPES = ("refusal-sft", "prefix-recovery", "insertion-recovery", "rto", "trajectory")
 

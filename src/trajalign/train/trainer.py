@@ -10,9 +10,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from trajalign.batching import pad_right
 from trajalign.data.datasets import BUNDLED, Behavior, load_behaviors
 from trajalign.data.trajectories import generate_answers, load_trajectories
 from trajalign.errors import InputError
+from trajalign.models.loading import ModelSpec
 from trajalign.models.registry import DEFAULT_MODEL
 from trajalign.runs import write_config
 from trajalign.train.losses import ConstrainedSettings, constrained_loss, label_log_probs, trained_positions
@@ -30,11 +32,9 @@ class LoraSettings(BaseModel):
     merge: bool = Field(default=True, description="merge the adapter into the weights when saving")
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(ModelSpec):
     """One fine-tuning run: a model, a recipe, harmful and benign prompts, and optimisation settings."""
 
-    model_config = ConfigDict(extra="forbid")
-    model: str = DEFAULT_MODEL
     recipe: RecipeConfig = Field(default_factory=RecipeConfig)
     harmful: str = "advbench"
     harmful_limit: int | None = 160
@@ -54,26 +54,13 @@ class TrainConfig(BaseModel):
     freeze_embeddings: bool = Field(default=True, description="freeze (tied) embeddings: faster, keeps utility")
     save_steps: int = Field(default=50, gt=0, description="checkpoint interval, for resuming a killed run")
     seed: int = 0
-    dtype: str = "float32"
-    device: str = "auto"
-    trust_remote_code: bool = Field(default=False, description="run the model repository's own code")
-    allow_pickle: bool = Field(default=False, description="accept pickle weights, which can run code")
     out: Path = Path("runs/train")
 
 
 def collate(rows: list[dict], pad_id: int) -> dict:
     """Right-pad input_ids with the pad token and labels with the ignore index."""
-    import torch
-
-    width = max(len(row["input_ids"]) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for index, row in enumerate(rows):
-        length = len(row["input_ids"])
-        input_ids[index, :length] = torch.tensor(row["input_ids"])
-        labels[index, :length] = torch.tensor(row["labels"])
-        attention_mask[index, :length] = 1
+    input_ids, attention_mask = pad_right([row["input_ids"] for row in rows], pad_id)
+    labels, _ = pad_right([row["labels"] for row in rows], IGNORE)
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
@@ -163,14 +150,11 @@ def run_training(config: TrainConfig, handle=None, harmful: list[Behavior] | Non
     if is_main:
         write_config(out, config)
     if handle is None:
-        from trajalign.models.loading import load_model
-
-        handle = load_model(config.model, dtype=config.dtype, device=config.device,
-                            trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
+        handle = config.load_model()
     harmful = harmful if harmful is not None else load_behaviors(config.harmful, limit=config.harmful_limit)
     benign = benign if benign is not None else load_benign(config.benign, config.benign_limit)
     rows = prepare_rows(config, handle, harmful, benign, cache_dir or out / "cache", trajectories)
-    window = getattr(handle.model.config, "max_position_embeddings", None)
+    window = getattr(handle.config, "max_position_embeddings", None)
     too_long = next((row for row in rows if window and len(row.input_ids) > window), None)
     if too_long is not None:
         raise InputError(f"behavior '{too_long.behavior_id}': a {too_long.kind} training row of "

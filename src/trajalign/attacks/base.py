@@ -1,0 +1,102 @@
+"""What every attack is: a serialisable plan that names its positions and plans its own generation requests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from trajalign.backends.base import Backend, GenerationRequest, Sampling
+from trajalign.data.datasets import Behavior
+from trajalign.data.trajectories import Trajectory
+
+if TYPE_CHECKING:
+    from trajalign.models.chat import ChatFormat
+
+
+class BasePosition(BaseModel):
+    """Where in an attack's grid one episode lies. `label` names it in episode keys, summaries and tables."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: str
+    sample: int = 0  # the draw, for attacks that sample several continuations per setting
+
+    @property
+    def label(self) -> str:
+        raise NotImplementedError
+
+
+@dataclass
+class PlannedEpisode:
+    """One episode ready to generate: its request, and where in its context the attack put what."""
+
+    key: str
+    behavior: Behavior
+    position: BasePosition
+    depth: int  # assistant tokens before the continuation
+    request: GenerationRequest
+    answer_start: int
+    injected_spans: list[tuple[int, int]]
+
+
+@dataclass
+class PlanningContext:
+    """What an attack plans with: the chat format, the backend (for the model's own tokens), the episode keys,
+    the tokens a defense appends after every injection, and the continuation length."""
+
+    chat: ChatFormat
+    backend: Backend
+    key: Callable[[Behavior, BasePosition], str]
+    defense_ids: list[int] = field(default_factory=list)
+    max_new_tokens: int = 64
+
+    def episode(self, behavior: Behavior, position: BasePosition, trunk: list[int], branch: int, depth: int,
+                answer_start: int, injected_spans: list[tuple[int, int]], suffix: list[int] | None = None,
+                sampling: Sampling = Sampling()) -> PlannedEpisode:
+        """An episode that continues `trunk[:branch] + suffix`."""
+        key = self.key(behavior, position)
+        request = GenerationRequest(key=key, trunk=trunk, branch=branch, suffix=list(suffix or []),
+                                    sampling=sampling, max_new_tokens=self.max_new_tokens)
+        return PlannedEpisode(key=key, behavior=behavior, position=position, depth=depth, request=request,
+                              answer_start=answer_start, injected_spans=injected_spans)
+
+    def continue_greedily(self, contexts: dict[str, list[int]], max_new_tokens: int) -> dict[str, list[int]]:
+        """The model's own greedy continuation of each context, from the backend that runs the attack."""
+        requests = [GenerationRequest(key=key, trunk=ids, branch=len(ids), max_new_tokens=max_new_tokens)
+                    for key, ids in contexts.items()]
+        return {result.key: result.continuation_ids for batch in self.backend.generate(requests) for result in batch}
+
+
+class BaseAttack(BaseModel):
+    """An attack owns what it does: the positions it yields for a behavior and the requests that realise them.
+
+    A subclass declares `kind` (a Literal, its registry name) first, its settings after, and `position_type`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    position_type: ClassVar[type[BasePosition]]
+    accepts_defense: ClassVar[bool] = True  # whether a defense can follow its injections
+
+    def needs_trajectories(self) -> bool:
+        return True
+
+    def grid(self, behavior: Behavior) -> list[BasePosition]:
+        """Every position this attack asks for on `behavior`, whatever its trajectory."""
+        raise NotImplementedError
+
+    def tokens_needed(self, position: BasePosition) -> int:
+        """Trajectory tokens a position consumes; positions that need more than a trajectory has are skipped."""
+        return 0
+
+    def positions(self, behavior: Behavior, trajectory: Trajectory) -> list[BasePosition]:
+        """The positions `behavior` yields with `trajectory`, in planning order, without generating anything."""
+        return [position for position in self.grid(behavior)
+                if self.tokens_needed(position) <= len(trajectory.token_ids)]
+
+    def check(self, trajectories: list[Trajectory]) -> None:
+        """Raise an InputError for settings no trajectory can serve."""
+
+    def plan(self, items: list[tuple[Behavior, Trajectory]], context: PlanningContext) -> list[PlannedEpisode]:
+        """Requests for every position of every (behavior, trajectory) pair, token-exactly."""
+        raise NotImplementedError
