@@ -79,6 +79,15 @@ def test_bad_files_name_file_row_and_field(tmp_path, name, content, message):
         assert name in str(error.value)
 
 
+def test_behaviors_written_as_jsonl_read_back_as_they_were(tmp_path):
+    behaviors = load_behaviors("jbb-benign", limit=2) + load_behaviors("self-instruct-user", limit=2)
+    path = tmp_path / "behaviors.jsonl"
+    path.write_text("".join(b.model_dump_json(exclude_none=True) + "\n" for b in behaviors))
+    assert load_behaviors(str(path)) == behaviors  # ids, source datasets, targets and references included
+    (tmp_path / "plain.csv").write_text("prompt\nhello\n")
+    assert load_behaviors(str(tmp_path / "plain.csv"))[0].dataset == "plain"  # without a column: the file's name
+
+
 def test_missing_mapped_column(tmp_path):
     path = tmp_path / "x.csv"
     path.write_text("prompt\na\n")

@@ -138,3 +138,28 @@ def test_cli_eval_from_yaml_config(cli, tmp_path):
     config.write_text("model: x\nunknown_key: 1\n")
     code, _, err = cli("eval", "--config", config)
     assert code == 2 and "field 'unknown_key'" in err
+
+
+def test_resume_onto_other_behaviors_or_trajectories_is_refused(tiny, tmp_path):
+    behaviors = load_behaviors("advbench", limit=3)
+    traj = trajectories(tiny)
+    config = EvalConfig(model="tiny", dataset="advbench", limit=3, trajectories="target", attack=Prefill(depths=[1]),
+                        max_new_tokens=2, out=tmp_path / "run")
+    Evaluation(config, handle=tiny, behaviors=behaviors, trajectories=traj).run()
+    Evaluation(config, handle=tiny, behaviors=behaviors, trajectories=traj).run()  # the same: resumes
+    with pytest.raises(InputError, match="ran on other behaviors"):
+        Evaluation(config, handle=tiny, behaviors=behaviors[:2], trajectories=traj).run()
+    shifted = {key: value.model_copy(update={"token_ids": value.token_ids[1:]}) for key, value in traj.items()}
+    with pytest.raises(InputError, match="ran on other trajectories"):
+        Evaluation(config, handle=tiny, behaviors=behaviors, trajectories=shifted).run()
+    assert len(episodes(config)) == 3
+
+
+def test_records_say_what_ran(tiny, tmp_path):
+    config, _ = run(tiny, tmp_path, Insert(after=[2], span_lengths=[3]))
+    for episode in episodes(config):
+        assert episode.exact_ids and episode.attack == config.attack and episode.attack_kind == "insert"
+        assert episode.refused == episode.verdicts["keyword"].refused_continuation
+    manifest = json.loads((config.out / "manifest.json").read_text())
+    assert manifest["behavior_ids"] == [b.id for b in load_behaviors("advbench", limit=3)]
+    assert len(manifest["trajectories_sha256"]) == 64

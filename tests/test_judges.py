@@ -26,6 +26,13 @@ def test_keyword_openings(text, expected):
     assert starts_refusal(text) is expected
 
 
+def test_every_trained_refusal_reads_as_one_at_the_start_and_mid_answer():
+    from trajalign.refusals import REFUSALS
+
+    for text in REFUSALS:
+        assert starts_refusal(text) and starts_refusal("Step 1: mix the" + " " + text), text
+
+
 def test_keyword_judge_reads_continuation_and_answer_separately():
     verdict = KeywordJudge().judge([JudgeInput("p", "I'm sorry, but ", "here is how to do it")])[0]
     assert verdict.refused_answer and not verdict.refused_continuation

@@ -17,6 +17,18 @@ def test_load_tiny_directory(tmp_path):
     assert not handle.model.training
 
 
+def test_tokenizer_alone_loads_no_weights(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from trajalign.models import load_tokenizer
+
+    save_tiny_model(tmp_path / "m")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
+    handle = load_tokenizer(str(tmp_path / "m"))
+    assert handle.chat.header_ids and handle.config.max_position_embeddings == 512
+    assert not hasattr(handle, "model")
+
+
 def test_pickle_weights_refused_unless_allowed(tmp_path):
     directory = save_tiny_model(tmp_path / "m")
     from safetensors.torch import load_file

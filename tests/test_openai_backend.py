@@ -5,8 +5,10 @@ from trajalign.attacks import Prefill
 from trajalign.backends.base import GenerationRequest
 from trajalign.backends.hf import HFBackend
 from trajalign.backends.openai_compat import OpenAICompatBackend
+from trajalign.data.datasets import load_behaviors
 from trajalign.errors import InputError, TrajalignError
 from trajalign.evaluate import EvalConfig, Evaluation
+from trajalign.runs import EpisodeLog
 
 
 def sweep(handle):
@@ -68,3 +70,37 @@ def test_api_key_never_written(tiny, tmp_path, monkeypatch):
     for path in (tmp_path / "run").rglob("*"):
         if path.is_file():
             assert secret not in path.read_text(errors="replace"), path
+
+
+def test_text_fallback_is_recorded_per_episode(tiny, tmp_path):
+    with FakeCompletionsServer(tiny, accept_token_ids=False) as server:
+        config = EvalConfig(model="tiny", dataset="advbench", limit=2, trajectories="target", max_new_tokens=3,
+                            attack=Prefill(depths=[0, 2]), backend="openai", out=tmp_path / "run",
+                            backend_options={"base_url": server.base_url, "served_model": "tiny"})
+        Evaluation(config, handle=tiny).run()
+    assert [episode.exact_ids for episode in EpisodeLog(tmp_path / "run").load()] == [False] * 4
+
+
+def test_openai_evaluation_loads_no_weights_and_generates_trajectories_on_the_server(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from trajalign.models import load_model
+    from trajalign.testing import save_tiny_model
+
+    directory = save_tiny_model(tmp_path / "model")
+    served = load_model(str(directory))  # the server's copy, loaded before weights are forbidden
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("an openai-backend evaluation loaded weights")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)
+    with FakeCompletionsServer(served) as server:
+        config = EvalConfig(model=str(directory), dataset="advbench", limit=3, trajectories=f"model:{directory}",
+                            trajectory_tokens=6, max_new_tokens=4, attack=Prefill(depths=[0, 3]), backend="openai",
+                            out=tmp_path / "run", backend_options={"base_url": server.base_url, "served_model": "m"})
+        Evaluation(config).run()
+        lengths = [body["max_tokens"] for body in server.requests]
+    assert lengths.count(6) == 3 and lengths.count(4) == 6  # three trajectories, then six episodes, all served
+    local = {b.id: served.chat.prompt_ids(b.prompt) for b in load_behaviors("advbench", limit=3)}
+    for episode in EpisodeLog(tmp_path / "run").load():
+        assert episode.exact_ids and episode.context_ids[:episode.answer_start] == local[episode.behavior_id]

@@ -90,3 +90,25 @@ def test_each_aligned_model_trains_with_its_own_settings(tmp_path, monkeypatch):
                                                                         training[role].benign_ratio)
         assert seen[role].recipe.name == recipe
         assert seen[role].lora == training[role].lora
+
+
+def test_each_evaluation_reruns_from_its_saved_config(cli, tmp_path, monkeypatch):
+    from trajalign.data.datasets import load_behaviors
+    from trajalign.runs import EpisodeLog
+    from trajalign.testing import save_tiny_model
+
+    directory = save_tiny_model(tmp_path / "model")
+    monkeypatch.setattr(Reproduction, "model_spec", lambda self, role: str(directory))
+    monkeypatch.chdir(tmp_path)
+    behaviors = load_behaviors("jbb-benign", limit=2) + load_behaviors("self-instruct-user", limit=2)
+    Reproduction("quick", tmp_path / "study")._eval("original", "everyday-benign", Prefill(depths=[0]), behaviors,
+                                                    None)
+    saved = tmp_path / "study" / "evals" / "original" / "everyday-benign"
+    code, _, err = cli("eval", "--config", saved / "config.yaml", "--out", tmp_path / "rerun")
+    assert code == 0, err
+
+    def outcome(run):
+        return {(e.behavior_id, e.dataset): (e.context_ids, e.continuation_ids) for e in EpisodeLog(run).load()}
+
+    assert outcome(tmp_path / "rerun") == outcome(saved)
+    assert {dataset for _, dataset in outcome(saved)} == {"jbb-benign", "self-instruct-user"}

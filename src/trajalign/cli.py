@@ -6,7 +6,7 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from pydantic import BaseModel, ValidationError
@@ -24,6 +24,12 @@ app.add_typer(models_app, name="models")
 app.add_typer(datasets_app, name="datasets")
 stdout = Console()
 stderr = Console(stderr=True)
+
+# Options that every command loading a model takes
+ConfigFile = Annotated[Optional[Path], typer.Option(help="YAML config; command-line options override its keys")]
+TrajectorySource = Annotated[Optional[str], typer.Option(help="model:SPEC | column:NAME | target")]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="run the model repository's code")]
+AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="accept pickle weights (they can run code)")]
 
 
 def parse_int_list(text: str | None, option: str) -> list[int] | None:
@@ -157,7 +163,7 @@ def datasets_show(name: str, limit: int = typer.Option(5, help="rows to show")) 
 
 @app.command("eval")
 def eval_command(
-    config: Optional[Path] = typer.Option(None, help="YAML config; command-line options override its keys"),
+    config: ConfigFile = None,
     model: Optional[str] = typer.Option(None, help="model spec: smollm2-135m, a directory, a .gguf or a hub id"),
     dataset: Optional[str] = typer.Option(None, help="bundled dataset name or a CSV/JSONL/JSON/TXT file"),
     limit: Optional[int] = typer.Option(None, help="first N behaviors"),
@@ -167,14 +173,13 @@ def eval_command(
     span_lengths: Optional[str] = typer.Option(None, help="insert: inserted trajectory tokens, e.g. 10"),
     span_text: Optional[str] = typer.Option(None, help="insert: this text instead of trajectory tokens"),
     defense: bool = typer.Option(False, "--defense", help="re-inject the assistant header after injections"),
-    trajectories: Optional[str] = typer.Option(None, help="model:SPEC | column:NAME | target"),
+    trajectories: TrajectorySource = None,
     max_new_tokens: Optional[int] = typer.Option(None, help="continuation length"),
     backend: Optional[str] = typer.Option(None, help="hf | openai"),
     base_url: Optional[str] = typer.Option(None, help="openai backend: server URL ending in /v1"),
     served_model: Optional[str] = typer.Option(None, help="openai backend: the server's model name"),
     batch_size: Optional[int] = typer.Option(None, help="generation batch size"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run the model repository's code"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="accept pickle weights (they can run code)"),
+    trust_remote_code: TrustRemoteCode = False, allow_pickle: AllowPickle = False,
     out: Optional[Path] = typer.Option(None, help="run directory (re-running resumes it)"),
 ) -> None:
     """Attack a model with token-exact injections and judge whether it recovers."""
@@ -197,7 +202,7 @@ def eval_command(
 
 @app.command("train")
 def train_command(
-    config: Optional[Path] = typer.Option(None, help="YAML config; command-line options override its keys"),
+    config: ConfigFile = None,
     model: Optional[str] = typer.Option(None, help="model spec to fine-tune"),
     recipe: Optional[str] = typer.Option(None, help="refusal-sft | prefix-recovery | insertion-recovery | rto | "
                                                      "trajectory"),
@@ -205,14 +210,13 @@ def train_command(
     harmful_limit: Optional[int] = typer.Option(None, help="first N harmful behaviors"),
     benign: Optional[str] = typer.Option(None, help="benign prompts: comma-separated names or files"),
     benign_limit: Optional[int] = typer.Option(None, help="first N benign prompts"),
-    trajectories: Optional[str] = typer.Option(None, help="model:SPEC | column:NAME | target"),
+    trajectories: TrajectorySource = None,
     lora: bool = typer.Option(False, "--lora", help="train a LoRA adapter (r=16, all linear layers), merged on save"),
     constrained: bool = typer.Option(False, "--constrained", help="Qi et al.'s token-wise constrained loss"),
     epochs: Optional[float] = typer.Option(None),
     learning_rate: Optional[float] = typer.Option(None),
     batch_size: Optional[int] = typer.Option(None),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run the model repository's code"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="accept pickle weights (they can run code)"),
+    trust_remote_code: TrustRemoteCode = False, allow_pickle: AllowPickle = False,
     out: Optional[Path] = typer.Option(None, help="output model directory (re-running resumes it)"),
 ) -> None:
     """Fine-tune a model on perturbed trajectories so that it recovers at any depth."""
@@ -229,18 +233,17 @@ def train_command(
 
 @app.command("probe")
 def probe_command(
-    config: Optional[Path] = typer.Option(None, help="YAML config; command-line options override its keys"),
+    config: ConfigFile = None,
     model: Optional[str] = typer.Option(None, help="model spec to probe"),
+    dataset: Optional[str] = typer.Option(None, help="behaviors whose trajectories are probed"),
+    trajectories: TrajectorySource = None,
+    limit: Optional[int] = typer.Option(None),
     harmful: Optional[str] = typer.Option(None, help="harmful prompts for the refusal direction"),
     harmless: Optional[str] = typer.Option(None, help="harmless prompts for the refusal direction"),
     direction: Optional[Path] = typer.Option(None, help="reuse a saved direction (its .safetensors/.json)"),
-    dataset: Optional[str] = typer.Option(None, help="behaviors whose trajectories are probed"),
-    limit: Optional[int] = typer.Option(None),
-    trajectories: Optional[str] = typer.Option(None, help="model:SPEC | column:NAME | target"),
     reference: Optional[str] = typer.Option(None, help="reference model for the per-token KL"),
     eval_run: Optional[list[Path]] = typer.Option(None, help="eval run(s) whose recovery the scores predict"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run the model repository's code"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="accept pickle weights (they can run code)"),
+    trust_remote_code: TrustRemoteCode = False, allow_pickle: AllowPickle = False,
     out: Optional[Path] = typer.Option(None),
 ) -> None:
     """Refusal direction, per-depth internal readings along trajectories, and whether they predict recovery."""

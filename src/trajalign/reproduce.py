@@ -67,7 +67,7 @@ PRESETS = {
 ROLES = ("original", "shallow", "trajectory")
 RECIPE_OF_ROLE = {"shallow": "refusal-sft", "trajectory": "trajectory"}
 CONTINUATION_TOKENS = 24  # what the judge reads
-# A decode step of 64 rows costs ~1.7x one of 16 on 2 cores (bare decode 288 vs 120 tok/s), so trajectories and
+# A decode step of 64 rows costs far less than four of 16 (benchmarks/step_cost.py), so trajectories and
 # evaluations, the sampled decoding sweep above all, run in wide batches.
 GENERATION_BATCH_SIZE = 64
 MAX_ANCHOR_PROMPT_CHARS = 300

@@ -16,15 +16,17 @@ if TYPE_CHECKING:
 
 
 class BasePosition(BaseModel):
-    """Where in an attack's grid one episode lies. `label` names it in episode keys, summaries and tables."""
+    """Where in an attack's grid one episode lies. `label` names it in episode keys, summaries and tables: by
+    default `label_format` filled with the position's fields."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: str
     sample: int = 0  # the draw, for attacks that sample several continuations per setting
+    label_format: ClassVar[str]
 
     @property
     def label(self) -> str:
-        raise NotImplementedError
+        return self.label_format.format(**dict(self))
 
 
 @dataclass

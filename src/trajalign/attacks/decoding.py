@@ -18,10 +18,7 @@ class DecodingPosition(BasePosition):
     temperature: float
     top_p: float
     top_k: int
-
-    @property
-    def label(self) -> str:
-        return f"T={self.temperature:g},p={self.top_p:g},k={self.top_k}"
+    label_format = "T={temperature:g},p={top_p:g},k={top_k}"
 
 
 class Decoding(BaseAttack):

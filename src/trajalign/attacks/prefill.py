@@ -15,10 +15,7 @@ from trajalign.errors import InputError
 class PrefillPosition(BasePosition):
     kind: Literal["prefill"] = "prefill"
     depth: int
-
-    @property
-    def label(self) -> str:
-        return f"depth={self.depth}"
+    label_format = "depth={depth}"
 
 
 class Prefill(BaseAttack):

@@ -191,9 +191,9 @@ class Batch:
         shape (zeros: the batch's own cache is left as it is). The best of `repeats` timings of each."""
         rows, width = self.mask.shape
 
-        def seconds(feed: int) -> float:
+        def seconds(feed: int, times: int) -> float:
             best = float("inf")
-            for _ in range(repeats):
+            for _ in range(times):
                 cache = kv_cache.from_layers(kv_cache.zeros(self.config, rows, width, self.dtype, self.device),
                                              self.config) if width else None
                 inputs = {"input_ids": torch.full((rows, feed), self.pad_id, device=self.device),
@@ -208,8 +208,8 @@ class Batch:
                 best = min(best, time.perf_counter() - started)
             return best
 
-        seconds(1)  # warm-up
-        return seconds(1 + extra) / seconds(1)
+        seconds(1, 1)  # warm-up
+        return seconds(1 + extra, repeats) / seconds(1, repeats)
 
 
 def _synchronize(device: torch.device) -> None:

@@ -208,7 +208,7 @@ def load_file(path: Path, columns: ColumnMap) -> list[Behavior]:
     records = _records(path)
     if not records:
         raise InputError(f"{path}: no rows")
-    keys = list(records[0][1].keys())
+    keys = list(dict.fromkeys(key for _, record in records for key in record))  # JSON rows may differ in keys
     prompt_key = _pick_column(path, keys, columns.prompt, "prompt", required=True)
     optional = {field: _pick_column(path, keys, getattr(columns, field), field, required=False)
                 for field in ("id", "category", "target", "reference", "dataset")}
