@@ -1,3 +1,5 @@
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -100,6 +102,8 @@ def test_predictivity_joins_by_behavior_and_depth():
                                 answer_start=0, continuation_ids=[], continuation_text="", finish_reason="eos",
                                 exact_ids=True, refused=recovered))
     rows = {(r["group"], r["score"]): r for r in predictivity(readings, episodes, resamples=100)}
+    shuffled = random.Random(0).sample(episodes, len(episodes))
+    assert predictivity(readings, shuffled, resamples=100) == list(rows.values())  # log order is not data
     assert rows[("depth=5", "onset_score")]["auroc"] == 1.0
     assert rows[("pooled", "projection_L3")]["n"] == 20
     assert 0.3 < rows[("pooled", "projection_L3")]["auroc"] < 0.7

@@ -18,10 +18,11 @@ def score_columns(reading: DepthReading) -> dict[str, float]:
 
 
 def join(readings: list[DepthReading], episodes: list[Episode]) -> list[tuple[str, int, dict[str, float], bool]]:
-    """Match prefill episodes with readings of the same behavior at the same depth."""
+    """Match prefill episodes with readings of the same behavior at the same depth, in (behavior, depth) order:
+    an episode log's order depends on when rows finished decoding, and the bootstrap must not."""
     by_key = {(reading.behavior_id, reading.depth): reading for reading in readings}
     joined = []
-    for episode in episodes:
+    for episode in sorted(episodes, key=lambda episode: (episode.behavior_id, episode.depth)):
         if episode.attack_kind != "prefill" or episode.defense is not None:
             continue
         reading = by_key.get((episode.behavior_id, episode.depth))
