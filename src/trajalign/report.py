@@ -22,7 +22,8 @@ from trajalign.stats import mcnemar_exact, wilson_interval
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
 DASHES = ["-", "--", "-.", ":", "-", "--", "-."]
-BENIGN_DATASETS = {"xstest-safe", "jbb-benign", "self-instruct-seed", "self-instruct-user", "everyday-benign", "xstest"}
+BENIGN_DATASETS = {"xstest-safe", "jbb-benign", "self-instruct-seed", "self-instruct-user", "everyday-benign", "xstest",
+                   "coconot-contrast", "coconot-pref", "dolly-eval", "dolly-train"}
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
