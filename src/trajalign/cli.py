@@ -248,6 +248,72 @@ def probe_command(
     stdout.print(table)
 
 
+@app.command("utility")
+def utility_command(
+    config: Optional[Path] = typer.Option(None, help="YAML config; command-line options override its keys"),
+    model: Optional[str] = typer.Option(None, help="model spec whose utility is measured"),
+    reference_model: Optional[str] = typer.Option(None, help="model spec to compare with (the original model)"),
+    dataset: Optional[str] = typer.Option(None, help="behaviors with reference answers, e.g. dolly-eval"),
+    limit: Optional[int] = typer.Option(None, help="first N behaviors"),
+    max_batch_tokens: Optional[int] = typer.Option(None, help="padded tokens per forward pass"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run the model repository's code"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="accept pickle weights (they can run code)"),
+    out: Optional[Path] = typer.Option(None, help="JSON result file"),
+) -> None:
+    """Utility: mean per-token NLL of human reference answers, and its change against a reference model."""
+    from trajalign.utility import UtilityConfig, run_utility
+
+    overrides = {key: value for key, value in {
+        "model": model, "reference_model": reference_model, "dataset": dataset, "limit": limit,
+        "max_batch_tokens": max_batch_tokens, "out": str(out) if out else None,
+        **security_options(trust_remote_code, allow_pickle)}.items() if value is not None}
+    utility_config = load_config(config, UtilityConfig, overrides) if config else validate_config(
+        UtilityConfig, overrides, "command line")
+    with progress_bar("utility") as update:
+        result = run_utility(utility_config, progress=update)
+    table = Table("model", "n", "reference tokens", "mean NLL (nats/token)")
+    table.add_row(result["model"], str(result["n"]), str(result["tokens"]), f"{result['mean_nll']:.4f}")
+    if "reference_model" in result:
+        table.add_row(result["reference_model"], str(result["n"]), str(result["tokens"]),
+                      f"{result['reference_mean_nll']:.4f}")
+    stdout.print(table)
+    if "reference_model" in result:
+        low, high = result["relative_change_pct_ci95"]
+        stdout.print(f"change against {result['reference_model']}: {result['relative_change_pct']:+.2f}% "
+                     f"(paired bootstrap 95% CI {low:+.2f}% to {high:+.2f}%)")
+    stdout.print(f"result: {utility_config.out}")
+
+
+@app.command("judge-agreement")
+def judge_agreement_command(
+    runs: Optional[list[Path]] = typer.Argument(None, help="run directories holding the labelled episodes"),
+    gold: Optional[Path] = typer.Option(None, help="gold labels, JSONL (format and rubric: gold/RUBRIC.md)"),
+    split: Optional[str] = typer.Option(None, help="dev | test | all (default all)"),
+    judge: Optional[list[str]] = typer.Option(None, help="also re-run this judge, e.g. pmi (repeatable)"),
+    config: Optional[Path] = typer.Option(None, help="YAML config (judges with options); options override its keys"),
+    out: Optional[Path] = typer.Option(None, help="directory for agreement.json and agreement.md"),
+) -> None:
+    """Each judge's agreement and Cohen's kappa with hand labels, per stratum: stored verdicts and re-run now."""
+    from trajalign.agreement import AgreementConfig, judge_agreement
+
+    overrides = {key: value for key, value in {
+        "gold": str(gold) if gold else None, "runs": [str(run) for run in runs] if runs else None, "split": split,
+        "judges": [{"name": name, "options": {}} for name in judge] if judge else None,
+        "out": str(out) if out else None}.items() if value is not None}
+    agreement_config = load_config(config, AgreementConfig, overrides) if config else validate_config(
+        AgreementConfig, overrides, "command line")
+    result = judge_agreement(agreement_config)
+    table = Table("source", "judge", "label", "stratum", "n", "agreement", "95% CI", "kappa", "95% CI")
+    for row in result["rows"]:
+        low, high = row["agreement_ci95"]
+        kappa_low, kappa_high = row["kappa_ci95"]
+        table.add_row(row["source"], row["judge"], row["label"], row["stratum"], str(row["n"]),
+                      f"{row['agreement']:.0%}", f"{low:.0%}-{high:.0%}", f"{row['kappa']:.2f}",
+                      f"{kappa_low:.2f}-{kappa_high:.2f}")
+    stdout.print(table)
+    stdout.print(f"results: {agreement_config.out / 'agreement.json'}, {agreement_config.out / 'agreement.md'}")
+
+
 @app.command("reproduce")
 def reproduce_command(
     preset: str = typer.Option("quick", help="quick (about 7 minutes) | full (about 24 minutes on 2 cores)"),

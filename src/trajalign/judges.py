@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Protocol
 
 from trajalign.errors import InputError
-from trajalign.records import Verdict
+from trajalign.records import Episode, Verdict
 
 # Refusal openings. Any of them counts where a sentence starts; a first-person one ("I'm sorry", "I cannot")
 # counts at the start of any word, because trained models break off mid-sentence ("... and spread I'm sorry, but
@@ -42,6 +42,13 @@ class JudgeInput:
     prompt: str
     prefix_text: str
     continuation_text: str
+
+
+def episode_judge_input(episode: Episode, decode, judge_window: int) -> JudgeInput:
+    """What a judge reads of an episode: the prompt, the decoded assistant prefix (own and injected tokens) and the
+    continuation's first `judge_window` tokens, decoded, so that a refusal beginning later does not count."""
+    return JudgeInput(prompt=episode.prompt, prefix_text=decode(episode.context_ids[episode.answer_start:]),
+                      continuation_text=decode(episode.continuation_ids[:judge_window]))
 
 
 def _normalize(text: str) -> str:
@@ -158,7 +165,7 @@ class LLMJudge:
                 for item in items]
 
 
-JUDGES = ("keyword", "classifier", "llm")
+JUDGES = ("keyword", "classifier", "llm", "pmi")
 
 
 def make_judge(name: str, **options) -> Judge:
@@ -168,4 +175,8 @@ def make_judge(name: str, **options) -> Judge:
         return ClassifierJudge(**options)
     if name == "llm":
         return LLMJudge(**options)
+    if name == "pmi":
+        from trajalign.helpfulness import PMIJudge
+
+        return PMIJudge(**options)
     raise InputError(f"judge '{name}': unknown; choose one of {', '.join(JUDGES)}")
