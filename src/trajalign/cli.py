@@ -217,6 +217,8 @@ def probe_command(
     harmful: Optional[str] = typer.Option(None, help="harmful prompts for the refusal direction"),
     harmless: Optional[str] = typer.Option(None, help="harmless prompts for the refusal direction"),
     direction: Optional[Path] = typer.Option(None, help="reuse a saved direction (its .safetensors/.json)"),
+    reference_direction: Optional[Path] = typer.Option(
+        None, help="another model's saved direction (the original's): readings also project on it"),
     dataset: Optional[str] = typer.Option(None, help="behaviors whose trajectories are probed"),
     limit: Optional[int] = typer.Option(None),
     trajectories: Optional[str] = typer.Option(None, help="model:SPEC | column:NAME | target"),
@@ -232,6 +234,7 @@ def probe_command(
     overrides = {key: value for key, value in {
         "model": model, "harmful": harmful, "harmless": harmless, "dataset": dataset, "limit": limit,
         "trajectories": trajectories, "reference": reference, "direction": str(direction) if direction else None,
+        "reference_direction": str(reference_direction) if reference_direction else None,
         "eval_runs": [str(run) for run in eval_run] if eval_run else None,
         "out": str(out) if out else None, **security_options(trust_remote_code, allow_pickle)}.items()
         if value is not None}

@@ -17,10 +17,12 @@ from trajalign.models.registry import DEFAULT_MODEL
 from trajalign.records import Verdict
 
 NEUTRAL_PROMPT = "Write a short text about anything you like."
-# A placeholder until it is calibrated on the development half of the hand-labelled gold set: on a few dozen
-# answers of the embedded model, answers to their own prompt scored well above it and the same answers under
-# another prompt, and empty promises, below it (README, "Helpfulness").
-DEFAULT_THRESHOLD = 0.3
+# A placeholder until it is calibrated on the development half of the hand-labelled gold set. A sanity check on
+# training-split prompts (20 dolly-train, 20 coconot-pref), 24-token greedy answers, the embedded model scoring:
+# its own answers scored +0.57 to +5.2 (median +1.6), the same answers under another prompt -0.77 to +0.61 (90% below
+# +0.19), empty promises -0.87 to +0.29, refusals -1.5 to +0.18; 0.4 sits in the gap between empty promises and
+# answers. The scale depends on the scorer, the neutral prompt and the window, so recalibrate when they change.
+DEFAULT_THRESHOLD = 0.4
 
 
 def pmi_items(handle, items: list[JudgeInput], neutral_prompt: str) -> list[tuple]:
