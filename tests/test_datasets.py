@@ -1,12 +1,15 @@
+import hashlib
 import json
 
 import pytest
 
-from trajalign.data.datasets import BUNDLED, ColumnMap, load_behaviors
+from trajalign.data.datasets import BUNDLED, ColumnMap, dolly_split_key, load_behaviors
 from trajalign.errors import InputError
 
 EXPECTED_ROWS = {"advbench": 520, "jbb-harmful": 100, "jbb-benign": 100, "xstest": 450, "xstest-safe": 250,
-                 "xstest-unsafe": 200, "self-instruct-seed": 175, "self-instruct-user": 252}
+                 "xstest-unsafe": 200, "self-instruct-seed": 175, "self-instruct-user": 252,
+                 "coconot-contrast": 149, "coconot-pref": 479, "dolly-eval": 359, "dolly-train": 3383, "catqa": 550}
+DOLLY_EVAL_IDS_SHA256 = "bd534c4277265810"  # of the evaluation part's ids, comma-joined, when the split was made
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_ROWS))
@@ -22,6 +25,56 @@ def test_bundled_fields():
     assert load_behaviors("jbb-benign")[0].category
     assert load_behaviors("self-instruct-seed")[0].reference
     assert not BUNDLED["self-instruct-user"].training_allowed
+
+
+def test_evaluation_and_training_parts_share_no_question():
+    def questions(name):
+        return {" ".join(b.prompt.lower().split()) for b in load_behaviors(name)}
+
+    assert not questions("dolly-eval") & questions("dolly-train")
+    assert not questions("coconot-contrast") & questions("coconot-pref")
+    assert not {b.id for b in load_behaviors("dolly-eval")} & {b.id for b in load_behaviors("dolly-train")}
+    assert len(load_behaviors("dolly-eval")) + len(load_behaviors("dolly-train")) == 3742  # every row, once
+
+
+def test_dolly_split_is_fixed():
+    """The split is part of the data: a change to its rule would silently move questions into training."""
+    ids = ",".join(b.id for b in load_behaviors("dolly-eval"))
+    assert hashlib.sha256(ids.encode()).hexdigest()[:16] == DOLLY_EVAL_IDS_SHA256
+    assert dolly_split_key("Why is  the sky BLUE?") == dolly_split_key("why is the sky blue?")
+
+
+def test_new_datasets_fields_and_training_flags():
+    assert {name for name, dataset in BUNDLED.items() if not dataset.training_allowed} >= {
+        "coconot-contrast", "dolly-eval", "self-instruct-user"}
+    assert BUNDLED["coconot-pref"].training_allowed and BUNDLED["dolly-train"].training_allowed
+    assert BUNDLED["catqa"].harmful and not BUNDLED["coconot-contrast"].harmful
+    contrast = load_behaviors("coconot-contrast")
+    assert {b.category for b in contrast} == {"dangerous or sensitive topics", "privacy violations"}
+    pref = load_behaviors("coconot-pref")
+    assert all(b.reference and b.rejected and b.reference != b.rejected for b in pref)
+    assert {b.category for b in pref} == {"triggers for offensive language", "dangerous or sensitive topics",
+                                         "privacy violations", "false information"}
+    assert all(b.reference for b in load_behaviors("dolly-eval") + load_behaviors("dolly-train"))
+    catqa = load_behaviors("catqa")
+    assert catqa[0].category == "Illegal Activity / Drug"
+    assert len({b.category for b in catqa}) == 55 and not any(b.category.endswith(":") for b in catqa)
+
+
+def test_cli_lists_and_shows_new_datasets(cli):
+    code, out, _ = cli("datasets", "list")
+    assert code == 0
+    for name in ("coconot-contrast", "coconot-pref", "dolly-eval", "dolly-train", "catqa"):
+        assert name in out
+    code, out, _ = cli("datasets", "show", "coconot-pref", "--limit", "1")
+    assert code == 0 and '"rejected"' in out and '"reference"' in out
+
+
+def test_rejected_column_of_a_user_file(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "P", "chosen": "good", "rejected": "bad"}) + "\n")
+    behavior = load_behaviors(str(path), ColumnMap(reference="chosen"))[0]
+    assert (behavior.reference, behavior.rejected) == ("good", "bad")
 
 
 def test_limit_keeps_first_rows():

@@ -98,3 +98,27 @@ def test_hostile_output_renders_inert(tmp_path):
     assert "<title>trajalign report</title>" in dom  # the injected script did not run
     assert "<b>bold</b>" not in dom and "&lt;b&gt;bold&lt;/b&gt;" in dom
     assert "<img src=\"x\"" not in dom
+
+
+def test_report_within_depth_section_and_between_model_figure(tmp_path):
+    """A probe directory (readings with projections on a shared direction) beside the eval run it read."""
+    import json
+
+    import yaml
+    from test_probe import synthetic_depth_data
+
+    readings, episodes = synthetic_depth_data({0: 18, 1: 16, 2: 12, 3: 8, 4: 4}, genuine=False)
+    EpisodeLog(tmp_path / "study" / "evals" / "m").append(episodes)
+    probe = tmp_path / "study" / "probes" / "m"
+    probe.mkdir(parents=True)
+    (probe / "config.yaml").write_text(yaml.safe_dump({"model": "m"}))
+    (probe / "readings.jsonl").write_text("".join(reading.model_dump_json() + "\n" for reading in readings))
+    (probe / "predictivity.json").write_text(json.dumps({"direction": {"layer": 1, "position": -1},
+                                                         "reference_direction": {"path": "x", "layer": 2}}))
+    text = build_report([tmp_path / "study"], tmp_path / "out" / "report.html").read_text()
+    assert "Claim (b) within depth" in text and "Between models" in text
+    assert (tmp_path / "out" / "between_models.png").exists()
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    row = next(line for line in summary.splitlines() if line.startswith("| m | projection_L1 |"))
+    assert "| 4: [1, 2, 3, 4] | 0.50 [" in row  # within depth: chance, as built
+    assert "| 80 (40) |" in row and "| 20 (18) |" in row

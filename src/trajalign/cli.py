@@ -241,6 +241,8 @@ def probe_command(
     harmful: Optional[str] = typer.Option(None, help="harmful prompts for the refusal direction"),
     harmless: Optional[str] = typer.Option(None, help="harmless prompts for the refusal direction"),
     direction: Optional[Path] = typer.Option(None, help="reuse a saved direction (its .safetensors/.json)"),
+    reference_direction: Optional[Path] = typer.Option(
+        None, help="another model's saved direction (the original's): readings also project on it"),
     reference: Optional[str] = typer.Option(None, help="reference model for the per-token KL"),
     eval_run: Optional[list[Path]] = typer.Option(None, help="eval run(s) whose recovery the scores predict"),
     trust_remote_code: TrustRemoteCode = False, allow_pickle: AllowPickle = False,
@@ -251,7 +253,8 @@ def probe_command(
 
     probe_config = command_config(ProbeConfig, config, {
         "model": model, "harmful": harmful, "harmless": harmless, "dataset": dataset, "limit": limit,
-        "trajectories": trajectories, "reference": reference, "direction": direction, "eval_runs": eval_run or None,
+        "trajectories": trajectories, "reference": reference, "direction": direction,
+        "reference_direction": reference_direction, "eval_runs": eval_run or None,
         "out": out, **security_options(trust_remote_code, allow_pickle)})
     results = run_probe(probe_config)
     table = Table("run", "group", "score", "n", "AUROC", "95% CI", "Spearman")
@@ -262,6 +265,65 @@ def probe_command(
                           f"{low:.2f}-{high:.2f}", f"{row['spearman']:.2f}")
     stdout.print(f"direction: layer {results['direction']['layer']}; results in {probe_config.out}")
     stdout.print(table)
+
+
+@app.command("utility")
+def utility_command(
+    config: ConfigFile = None,
+    model: Optional[str] = typer.Option(None, help="model spec whose utility is measured"),
+    reference_model: Optional[str] = typer.Option(None, help="model spec to compare with (the original model)"),
+    dataset: Optional[str] = typer.Option(None, help="behaviors with reference answers, e.g. dolly-eval"),
+    limit: Optional[int] = typer.Option(None, help="first N behaviors"),
+    max_batch_tokens: Optional[int] = typer.Option(None, help="padded tokens per forward pass"),
+    trust_remote_code: TrustRemoteCode = False, allow_pickle: AllowPickle = False,
+    out: Optional[Path] = typer.Option(None, help="JSON result file"),
+) -> None:
+    """Utility: mean per-token NLL of human reference answers, and its change against a reference model."""
+    from trajalign.utility import UtilityConfig, run_utility
+
+    utility_config = command_config(UtilityConfig, config, {
+        "model": model, "reference_model": reference_model, "dataset": dataset, "limit": limit,
+        "max_batch_tokens": max_batch_tokens, "out": out, **security_options(trust_remote_code, allow_pickle)})
+    with progress_bar("utility") as update:
+        result = run_utility(utility_config, progress=update)
+    table = Table("model", "n", "reference tokens", "mean NLL (nats/token)")
+    table.add_row(result["model"], str(result["n"]), str(result["tokens"]), f"{result['mean_nll']:.4f}")
+    if "reference_model" in result:
+        table.add_row(result["reference_model"], str(result["n"]), str(result["tokens"]),
+                      f"{result['reference_mean_nll']:.4f}")
+    stdout.print(table)
+    if "reference_model" in result:
+        low, high = result["relative_change_pct_ci95"]
+        stdout.print(f"change against {result['reference_model']}: {result['relative_change_pct']:+.2f}% "
+                     f"(paired bootstrap 95% CI {low:+.2f}% to {high:+.2f}%)")
+    stdout.print(f"result: {utility_config.out}")
+
+
+@app.command("judge-agreement")
+def judge_agreement_command(
+    runs: Optional[list[Path]] = typer.Argument(None, help="run directories holding the labelled episodes"),
+    gold: Optional[Path] = typer.Option(None, help="gold labels, JSONL (format and rubric: gold/RUBRIC.md)"),
+    split: Optional[str] = typer.Option(None, help="dev | test | all (default all)"),
+    judge: Optional[list[str]] = typer.Option(None, help="also re-run this judge, e.g. pmi (repeatable)"),
+    config: ConfigFile = None,
+    out: Optional[Path] = typer.Option(None, help="directory for agreement.json and agreement.md"),
+) -> None:
+    """Each judge's agreement and Cohen's kappa with hand labels, per stratum: stored verdicts and re-run now."""
+    from trajalign.agreement import AgreementConfig, judge_agreement
+
+    agreement_config = command_config(AgreementConfig, config, {
+        "gold": gold, "runs": runs or None, "split": split,
+        "judges": [{"name": name, "options": {}} for name in judge] if judge else None, "out": out})
+    result = judge_agreement(agreement_config)
+    table = Table("source", "judge", "label", "stratum", "n", "agreement", "95% CI", "kappa", "95% CI")
+    for row in result["rows"]:
+        low, high = row["agreement_ci95"]
+        kappa_low, kappa_high = row["kappa_ci95"]
+        table.add_row(row["source"], row["judge"], row["label"], row["stratum"], str(row["n"]),
+                      f"{row['agreement']:.0%}", f"{low:.0%}-{high:.0%}", f"{row['kappa']:.2f}",
+                      f"{kappa_low:.2f}-{kappa_high:.2f}")
+    stdout.print(table)
+    stdout.print(f"results: {agreement_config.out / 'agreement.json'}, {agreement_config.out / 'agreement.md'}")
 
 
 @app.command("reproduce")

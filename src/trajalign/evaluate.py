@@ -16,7 +16,7 @@ from trajalign.backends.base import GenerationResult
 from trajalign.data.datasets import Behavior, ColumnMap, load_behaviors
 from trajalign.data.trajectories import Trajectory, load_trajectories
 from trajalign.errors import InputError
-from trajalign.judges import JudgeInput, KeywordJudge, make_judge
+from trajalign.judges import KeywordJudge, episode_judge_input, make_judge
 from trajalign.models.loading import ModelSpec, TokenizerHandle
 from trajalign.models.registry import DEFAULT_MODEL
 from trajalign.records import Episode
@@ -172,11 +172,7 @@ class Evaluation:
         )
 
     def _judge(self, episodes: list[Episode], judges) -> None:
-        chat = self.handle.chat
-        window = self.config.judge_window
-        inputs = [JudgeInput(prompt=episode.prompt,
-                             prefix_text=chat.decode(episode.context_ids[episode.answer_start:]),
-                             continuation_text=chat.decode(episode.continuation_ids[:window]))
+        inputs = [episode_judge_input(episode, self.handle.chat.decode, self.config.judge_window)
                   for episode in episodes]
         for judge in judges:
             for episode, verdict in zip(episodes, judge.judge(inputs)):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Protocol
 
 from trajalign.errors import InputError
-from trajalign.records import Verdict
+from trajalign.records import Episode, Verdict
 from trajalign.refusals import FIRST_PERSON_OPENINGS, REFUSAL_OPENINGS, first_person
 
 _SENTENCE_START = re.compile(r"(?:^|[.!?:;\n])[\s\"'*\-#>()\[\]]*")
@@ -22,6 +22,13 @@ class JudgeInput:
     prompt: str
     prefix_text: str
     continuation_text: str
+
+
+def episode_judge_input(episode: Episode, decode, judge_window: int) -> JudgeInput:
+    """What a judge reads of an episode: the prompt, the decoded assistant prefix (own and injected tokens) and the
+    continuation's first `judge_window` tokens, decoded, so that a refusal beginning later does not count."""
+    return JudgeInput(prompt=episode.prompt, prefix_text=decode(episode.context_ids[episode.answer_start:]),
+                      continuation_text=decode(episode.continuation_ids[:judge_window]))
 
 
 def _normalize(text: str) -> str:
@@ -138,7 +145,7 @@ class LLMJudge:
                 for item in items]
 
 
-JUDGES = ("keyword", "classifier", "llm")
+JUDGES = ("keyword", "classifier", "llm", "pmi")
 
 
 def make_judge(name: str, **options) -> Judge:
@@ -148,4 +155,8 @@ def make_judge(name: str, **options) -> Judge:
         return ClassifierJudge(**options)
     if name == "llm":
         return LLMJudge(**options)
+    if name == "pmi":
+        from trajalign.helpfulness import PMIJudge
+
+        return PMIJudge(**options)
     raise InputError(f"judge '{name}': unknown; choose one of {', '.join(JUDGES)}")

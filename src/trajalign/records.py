@@ -13,6 +13,10 @@ class Verdict(BaseModel):
     refused_continuation: bool = Field(description="a refusal begins in the continuation within the window")
     refused_answer: bool = Field(description="a refusal begins in injected prefix + continuation within the window")
     score: float | None = None
+    attempts_task: bool | None = Field(default=None, description="the answer attempts the task (judges that can "
+                                                                 "tell; None where the judge does not say)")
+    attempts_task_score: float | None = Field(default=None, description="the score behind attempts_task (pmi: "
+                                                                        "nats per token)")
 
 
 class Episode(BaseModel):

@@ -22,7 +22,8 @@ from trajalign.stats import mcnemar_exact, wilson_interval
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
 DASHES = ["-", "--", "-.", ":", "-", "--", "-."]
-BENIGN_DATASETS = {"xstest-safe", "jbb-benign", "self-instruct-seed", "self-instruct-user", "everyday-benign", "xstest"}
+BENIGN_DATASETS = {"xstest-safe", "jbb-benign", "self-instruct-seed", "self-instruct-user", "everyday-benign", "xstest",
+                   "coconot-contrast", "coconot-pref", "dolly-eval", "dolly-train"}
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
@@ -197,12 +198,91 @@ def probe_figure(probe_dirs: list[Path], episodes: list[Episode]):
             axis.fill_between(depths, means - spread, means + spread, color=colour, alpha=0.15)
         scores = [f"{name.replace('projection_', 'proj ')} {value:.2f}" for name, value in aurocs.items()]
         lines = [", ".join(scores[start:start + 2]) for start in range(0, len(scores), 2)]
-        axis.set_title("\n".join([f"{model}: direction at layer {layer}", "pooled AUROC of recovery:", *lines]),
+        axis.set_title("\n".join([f"{model}: direction at layer {layer}", "AUROC of recovery, depths ≥ 1 pooled:",
+                                   *lines]),
                        fontsize=8)
         axis.set_xlabel("depth k")
         axis.set_ylabel("projection on refusal direction")
         axis.legend(frameon=False, fontsize=8)
     return figure
+
+
+def _probe_context(directory: Path, episodes: list[Episode]):
+    """A probe directory's readings, its layers (own direction; shared direction or None) and the harmful prefill
+    episodes of the model it probed (matched by the model spec in its config.yaml)."""
+    import yaml
+
+    from trajalign.probe.run import load_readings
+
+    results_file, config_file = directory / "predictivity.json", directory / "config.yaml"
+    if not results_file.exists() or not config_file.exists():
+        return None
+    results = json.loads(results_file.read_text())
+    spec = (yaml.safe_load(config_file.read_text()) or {}).get("model")
+    own = [e for e in _harmful(episodes) if e.model == spec and e.attack_kind == "prefill" and e.defense is None]
+    shared = results.get("reference_direction", {}).get("layer")
+    return load_readings(directory), results["direction"]["layer"], shared, own
+
+
+def within_depth_rows(probe_dirs: list[Path], episodes: list[Episode]) -> list[dict]:
+    """Claim (b) without the depth confound: per probed model and score, the within-depth summary."""
+    from trajalign.probe.predictivity import within_depth_summary
+
+    rows = []
+    for directory in probe_dirs:
+        context = _probe_context(directory, episodes)
+        if context and context[3]:
+            rows += [{"model": directory.name, **row} for row in within_depth_summary(context[0], context[3])]
+    return rows
+
+
+def between_model_figure(probe_dirs: list[Path], episodes: list[Episode]):
+    """Per depth, each model's mean projection on the shared (original model's) refusal direction beside its
+    recovery rate: is the model whose states point at refusal the one that recovers?"""
+    from trajalign.probe.predictivity import depth_profile
+
+    profiles = {}
+    for directory in probe_dirs:
+        context = _probe_context(directory, episodes)
+        if context and context[2] is not None and context[3]:
+            readings, layer, shared, own = context
+            profiles[directory.name] = depth_profile(readings, own, layer, shared)
+    if not profiles:
+        return None
+    plt = _pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
+    for index, (model, rows) in enumerate(sorted(profiles.items())):
+        style = dict(color=PALETTE[index % 7], marker=MARKERS[index % 7], linestyle=DASHES[index % 7], label=model)
+        depths = [row["depth"] for row in rows]
+        left.plot(depths, [row["mean_shared_projection"] for row in rows], **style)
+        right.plot(depths, [row["recovery_rate"] for row in rows], **style)
+        right.fill_between(depths, [row["recovery_ci95"][0] for row in rows],
+                           [row["recovery_ci95"][1] for row in rows], color=PALETTE[index % 7], alpha=0.12)
+    left.set_xlabel("depth k")
+    left.set_ylabel("mean projection on the original\nmodel's refusal direction")
+    right.set_xlabel("depth k")
+    right.set_ylabel("recovery rate")
+    right.set_ylim(-0.02, 1.02)
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+        axis.legend(frameon=False, fontsize=8)
+    return figure
+
+
+def _auroc_cell(value: float, interval) -> str:
+    return "–" if value != value else f"{value:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
+def within_depth_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    headers = ["model", "score", "depths entered", "mean within-depth AUROC [95% CI]",
+               "pooled k ≥ 1 AUROC [95% CI]", "n (recovered), k ≥ 1", "depth 0 AUROC", "n (recovered), k = 0"]
+    cells = [[row["model"], row["score"], f"{len(row['depths_entered'])}: {row['depths_entered']}",
+              _auroc_cell(row["mean_within_depth_auroc"], row["mean_within_depth_auroc_ci95"]),
+              _auroc_cell(row["pooled_depth_ge1_auroc"], row["pooled_depth_ge1_auroc_ci95"]),
+              f"{row['pooled_depth_ge1_n']} ({row['pooled_depth_ge1_recovered']})",
+              "–" if row["depth0_auroc"] != row["depth0_auroc"] else f"{row['depth0_auroc']:.2f}",
+              f"{row['depth0_n']} ({row['depth0_recovered']})"] for row in rows]
+    return headers, cells
 
 
 def comparison_rows(episodes: list[Episode]) -> list[dict]:
@@ -310,6 +390,8 @@ def build_report(runs: list[Path], out_file: Path, tokenizer_spec: str | None = 
                ("Decoding sweep: attack success per setting", "decoding_sweep", decoding_figure(episodes)),
                ("Probe: the refusal direction along the trajectory", "probe_projection",
                 probe_figure(probe_dirs, episodes)),
+               ("Between models: projection on the original model's refusal direction beside recovery",
+                "between_models", between_model_figure(probe_dirs, episodes)),
                ("Over-refusal on benign prompts", "over_refusal", over_refusal_figure(episodes))]
     sections = []
     for title, name, figure in figures:
@@ -332,6 +414,15 @@ def build_report(runs: list[Path], out_file: Path, tokenizer_spec: str | None = 
             [[html.escape(c["first"]), html.escape(c["second"]), html.escape(c["dataset"]), html.escape(c["attack"]),
               str(c["n"]), f"{c['first_rate']:.0%}", f"{c['second_rate']:.0%}", str(c["only_first"]),
               str(c["only_second"]), f"{c['p_value']:.3g}"] for c in comparisons]))
+    within_depth = within_depth_rows(probe_dirs, episodes)
+    if within_depth:
+        headers, cells = within_depth_table(within_depth)
+        sections.append(
+            "<h2>Claim (b) within depth: do internal scores predict recovery at a fixed depth?</h2><p>Mean over "
+            "depths k ≥ 1 of the AUROC among episodes at that depth (only depths with at least two recovered and two "
+            "not-recovered episodes enter; 95% CI: episodes resampled within their depth), beside the AUROC pooled "
+            "over depths k ≥ 1, where depth itself can predict both score and recovery, and depth 0 apart.</p>"
+            + _table(headers, [[html.escape(cell) for cell in row] for row in cells]))
     sections.append("<h2>Example episodes</h2><p><mark>injected</mark> · <ins>model continuation</ins></p>"
                     + example_html(episodes, decode))
     page = (f"<!doctype html><html><head><meta charset='utf-8'>"
@@ -341,6 +432,12 @@ def build_report(runs: list[Path], out_file: Path, tokenizer_spec: str | None = 
             + "\n".join(sections) + "</body></html>")
     out_file.write_text(page, encoding="utf-8")
     _write_markdown(out_file.parent / "summary.md", rates, comparisons)
+    if within_depth:
+        headers, cells = within_depth_table(within_depth)
+        with open(out_file.parent / "summary.md", "a", encoding="utf-8") as file:
+            file.write("\n" + "\n".join(["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+                                         + ["| " + " | ".join(_md_cell(cell) for cell in row) + " |" for row in cells])
+                       + "\n")
     return out_file
 
 

@@ -1,8 +1,9 @@
-"""Statistics for small samples: Wilson intervals, AUROC with bootstrap, Spearman, exact McNemar."""
+"""Statistics for small samples: Wilson intervals, bootstrap intervals, AUROC, Cohen's kappa, Spearman, McNemar."""
 
 from __future__ import annotations
 
 import math
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -42,18 +43,47 @@ def auroc(scores, labels) -> float:
     return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
-def bootstrap_auroc(scores, labels, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
-    scores, labels = np.asarray(scores, dtype=float), np.asarray(labels, dtype=bool)
+def bootstrap_interval(statistic: Callable[..., float], arrays: Sequence, resamples: int = 1000, seed: int = 0,
+                       strata=None) -> tuple[float, float]:
+    """Percentile 95% interval of `statistic(*arrays)` over resamples of the rows (the arrays are paired: one
+    index draws a row from each). With `strata`, rows are drawn within each stratum, keeping its size. Resamples
+    on which the statistic is NaN (e.g. an AUROC left with one class) are dropped."""
+    arrays = [np.asarray(array) for array in arrays]
     rng = np.random.default_rng(seed)
+    n = len(arrays[0])
+    groups = [np.flatnonzero(np.asarray(strata) == value) for value in np.unique(strata)] if strata is not None \
+        else None
     values = []
     for _ in range(resamples):
-        index = rng.integers(0, len(scores), len(scores))
-        value = auroc(scores[index], labels[index])
+        if groups is None:
+            index = rng.integers(0, n, n)
+        else:
+            index = np.concatenate([members[rng.integers(0, len(members), len(members))] for members in groups])
+        value = statistic(*(array[index] for array in arrays))
         if not math.isnan(value):
             values.append(value)
     if not values:
         return (float("nan"), float("nan"))
     return (float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5)))
+
+
+def bootstrap_auroc(scores, labels, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    return bootstrap_interval(auroc, [np.asarray(scores, dtype=float), np.asarray(labels, dtype=bool)], resamples,
+                              seed)
+
+
+def cohen_kappa(first, second) -> float:
+    """Cohen's kappa between two raters' labels of the same items: (p_o - p_e) / (1 - p_e), p_e from each rater's
+    own label shares; NaN when chance agreement is 1 (both raters gave every item one and the same label)."""
+    first, second = np.asarray(first), np.asarray(second)
+    if len(first) == 0:
+        return float("nan")
+    observed = float(np.mean(first == second))
+    chance = sum(float(np.mean(first == label)) * float(np.mean(second == label))
+                 for label in np.union1d(first, second))
+    if chance >= 1.0:
+        return float("nan")
+    return (observed - chance) / (1.0 - chance)
 
 
 def spearman(x, y) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ from trajalign.errors import InputError, where
 
 PROMPT_COLUMNS = ("prompt", "goal", "instruction", "forbidden_prompt", "behavior")
 GUESSED_COLUMNS = {"prompt": PROMPT_COLUMNS, "id": ("id",), "category": ("category",), "target": ("target",),
-                   "reference": ("reference", "response", "output"), "dataset": ("dataset",)}
+                   "reference": ("reference", "response", "output"), "dataset": ("dataset",),
+                   "rejected": ("rejected",)}
 
 
 class Behavior(BaseModel):
@@ -27,6 +29,7 @@ class Behavior(BaseModel):
     category: str | None = None
     target: str | None = None
     reference: str | None = None
+    rejected: str | None = None  # a worse answer than `reference`, for preference pairs (CoCoNot's refusals)
     dataset: str
 
 
@@ -39,6 +42,7 @@ class ColumnMap(BaseModel):
     target: str | None = None
     reference: str | None = None
     dataset: str | None = Field(default=None, description="each row's source dataset; the file's name when unset")
+    rejected: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,57 @@ def _self_instruct(file: str, name: str) -> list[Behavior]:
     return behaviors
 
 
+def _jsonl(*parts: str) -> list[dict]:
+    return [json.loads(line) for line in _bundled_text(*parts).splitlines() if line.strip()]
+
+
+COCONOT_SAFETY = "Requests with safety concerns"
+
+
+def _coconot_contrast() -> list[Behavior]:
+    return [Behavior(id=f"coconot-{row['id']}", prompt=row["prompt"], category=row["subcategory"],
+                     dataset="coconot-contrast")
+            for row in _jsonl("coconot", "coconot_contrast_eval.jsonl") if row["category"] == COCONOT_SAFETY]
+
+
+def _coconot_pref() -> list[Behavior]:
+    return [Behavior(id=f"coconot-{row['id']}", prompt=row["prompt"], category=row["subcategory"],
+                     reference=row["chosen"], rejected=row["rejected"], dataset="coconot-pref")
+            for row in _jsonl("coconot", "coconot_pref_safety_concerns.jsonl") if row["category"] == COCONOT_SAFETY]
+
+
+DOLLY_EVAL_SHARE = 10  # one question in ten, chosen by hash, is evaluation-only
+
+
+def dolly_split_key(question: str) -> int:
+    """The hash that splits Dolly once and for all: the same question, up to case and spacing, always falls on
+    the same side, so the evaluation part shares no question with the training part."""
+    normalized = " ".join(question.lower().split())
+    return int(hashlib.sha256(normalized.encode("utf-8")).hexdigest()[:8], 16) % DOLLY_EVAL_SHARE
+
+
+def _dolly(evaluation: bool) -> list[Behavior]:
+    name = "dolly-eval" if evaluation else "dolly-train"
+    behaviors = []
+    for number, row in enumerate(_jsonl("dolly_open_qa", "chinkara-open_qa.jsonl"), 1):
+        human, answer = row["text"].split(" ### Assistant: ", 1)
+        question = human.removeprefix("### Human: ").strip()
+        if (dolly_split_key(question) == 0) == evaluation:
+            behaviors.append(Behavior(id=f"dolly-open-qa-{number:04d}", prompt=question, reference=answer.strip(),
+                                      dataset=name))
+    return behaviors
+
+
+def _catqa() -> list[Behavior]:
+    """CatQA nests category -> subcategory -> questions; some subcategory keys end in ':' ("Drug:"), dropped."""
+    tree = json.loads(_bundled_text("catqa", "catqa_english.json"))
+    questions = [(f"{category} / {subcategory.rstrip(':').strip()}", question)
+                 for category, subcategories in tree.items()
+                 for subcategory, members in subcategories.items() for question in members]
+    return [Behavior(id=f"catqa-{index:03d}", prompt=question, category=category, dataset="catqa")
+            for index, (category, question) in enumerate(questions)]
+
+
 BUNDLED: dict[str, BundledDataset] = {
     dataset.name: dataset
     for dataset in [
@@ -114,6 +169,17 @@ BUNDLED: dict[str, BundledDataset] = {
                        "Apache-2.0", lambda: _self_instruct("user_oriented_instructions.jsonl",
                                                             "self-instruct-user"), False,
                        training_allowed=False),
+        BundledDataset("coconot-contrast", "CoCoNot contrast set: harmless requests that look unsafe, 149 "
+                       "(evaluation only)", "MIT", _coconot_contrast, False, training_allowed=False),
+        BundledDataset("coconot-pref", "CoCoNot preference set: harmless requests that look unsafe, with a compliant "
+                       "(reference) and a refusing (rejected) answer, 479", "MIT", _coconot_pref, False),
+        BundledDataset("dolly-eval", "Dolly open_qa questions with human answers, fixed evaluation part, 359 "
+                       "(evaluation only)", "CC-BY-SA-3.0", lambda: _dolly(evaluation=True), False,
+                       training_allowed=False),
+        BundledDataset("dolly-train", "Dolly open_qa questions with human answers, training part, 3383",
+                       "CC-BY-SA-3.0", lambda: _dolly(evaluation=False), False),
+        BundledDataset("catqa", "CatQA harmful questions, 11 categories x 5 subcategories x 10, 550", "Apache-2.0",
+                       _catqa, True),
     ]
 }
 
@@ -211,7 +277,7 @@ def load_file(path: Path, columns: ColumnMap) -> list[Behavior]:
     keys = list(dict.fromkeys(key for _, record in records for key in record))  # JSON rows may differ in keys
     prompt_key = _pick_column(path, keys, columns.prompt, "prompt", required=True)
     optional = {field: _pick_column(path, keys, getattr(columns, field), field, required=False)
-                for field in ("id", "category", "target", "reference", "dataset")}
+                for field in ("id", "category", "target", "reference", "rejected", "dataset")}
     behaviors, seen = [], {}
     for number, record in records:
         prompt = record.get(prompt_key)
