@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from trajalign.errors import InputError, TrajalignError
+from trajalign.train.recipes import RECIPES
 
 app = typer.Typer(help="Measure and train LLM safety along the whole generation trajectory.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -179,8 +180,7 @@ def eval_command(
 def train_command(
     config: Optional[Path] = typer.Option(None, help="YAML config; command-line options override its keys"),
     model: Optional[str] = typer.Option(None, help="model spec to fine-tune"),
-    recipe: Optional[str] = typer.Option(None, help="refusal-sft | prefix-recovery | insertion-recovery | rto | "
-                                                     "trajectory"),
+    recipe: Optional[str] = typer.Option(None, help=" | ".join(RECIPES)),
     harmful: Optional[str] = typer.Option(None, help="harmful prompts: bundled name or file"),
     harmful_limit: Optional[int] = typer.Option(None, help="first N harmful behaviors"),
     benign: Optional[str] = typer.Option(None, help="benign prompts: comma-separated names or files"),
