@@ -87,3 +87,19 @@ def test_rto_rows_label_a_refusal_opening_after_every_prefix_and_train_plain_cro
     initial, rows, log = tiny_run(tmp_path, "rto")
     assert {row.kind for row in rows} == {"rto", "anchor"}
     assert len(log) == 2 and log[0]["loss"] == pytest.approx(labelled_cross_entropy(initial, rows), rel=1e-4)
+
+
+def test_comparator_settings_that_cannot_work_are_one_line_errors(tmp_path, tiny):
+    from trajalign.errors import InputError
+    from trajalign.testing import tiny_handle
+
+    with pytest.raises(InputError, match="lora.merge"):
+        objective_for("backtracking").configure(TrainConfig(recipe=RecipeConfig(name="backtracking"),
+                                                            lora={"merge": False}))
+    rerouting = objective_for("circuit-breaker")
+    recipe = RecipeConfig(name="circuit-breaker", rerouting={"layers": [1, 7]})
+    with pytest.raises(InputError, match="recipe.rerouting.layers: block 7 is outside the model's 2 decoder blocks"):
+        rerouting.prepare_model(tiny_handle(), rerouting.configure(TrainConfig(recipe=recipe)))
+    with pytest.raises(InputError, match="harmless prompts"):
+        objective_for("refusal-ablation").build_rows(RecipeConfig(name="refusal-ablation"), tiny.chat,
+                                                     [("h", "Question", TRAJECTORY)], [])
