@@ -104,3 +104,25 @@ def test_training_killed_with_sigkill_resumes_from_its_checkpoint(model_dir, tmp
     uninterrupted = load_file(tmp_path / "full" / "model.safetensors")
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("recipe", ["refusal-ablation", "backtracking"])
+def test_comparator_training_killed_with_sigkill_resumes_to_the_same_model(model_dir, tmp_path, recipe):
+    """Comparators keep state beyond the trainer's: the refusal direction of the last refresh, a grown vocabulary."""
+    def argv(out):
+        path = Path(str(out) + ".yaml")
+        path.write_text(f"model: {model_dir}\nrecipe: {{name: {recipe}}}\nharmful_limit: 24\nbenign: [jbb-benign]\n"
+                        f"benign_limit: 24\ntrajectories: target\nepochs: 2\nbatch_size: 4\nsave_steps: 3\n"
+                        f"learning_rate: 0.001\nout: {out}\n")
+        return cli("train", "--config", path)
+
+    run_to_end(argv(tmp_path / "full"), tmp_path)
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    kill_when(argv(tmp_path / "killed"), tmp_path,
+              lambda: any((path / "trainer_state.json").exists() for path in checkpoints.glob("checkpoint-*")))
+    run_to_end(argv(tmp_path / "killed"), tmp_path)
+    resumed = load_file(tmp_path / "killed" / "model.safetensors")
+    uninterrupted = load_file(tmp_path / "full" / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, atol=1e-5, rtol=1e-4)

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from trajalign.attacks import ATTACKS
 from trajalign.errors import InputError, TrajalignError
+from trajalign.train.recipes import RECIPES
 
 app = typer.Typer(help="Measure and train LLM safety along the whole generation trajectory.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -204,8 +205,7 @@ def eval_command(
 def train_command(
     config: ConfigFile = None,
     model: Optional[str] = typer.Option(None, help="model spec to fine-tune"),
-    recipe: Optional[str] = typer.Option(None, help="refusal-sft | prefix-recovery | insertion-recovery | rto | "
-                                                     "trajectory"),
+    recipe: Optional[str] = typer.Option(None, help=" | ".join(RECIPES)),
     harmful: Optional[str] = typer.Option(None, help="harmful prompts: bundled name or file"),
     harmful_limit: Optional[int] = typer.Option(None, help="first N harmful behaviors"),
     benign: Optional[str] = typer.Option(None, help="benign prompts: comma-separated names or files"),

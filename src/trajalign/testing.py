@@ -93,3 +93,20 @@ def tiny_handle(family: str = "chatml", seed: int = 0, num_layers: int = 2):
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return ModelHandle(model=model, tokenizer=tokenizer, chat=ChatFormat(tokenizer), spec=f"tiny-{family}")
+
+
+def labelled_cross_entropy(model, rows) -> float:
+    """Mean cross-entropy over every labelled token of `rows` (training rows), one unpadded forward pass per row:
+    the hand computation that trainer losses are checked against."""
+    import torch
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    for row in rows:
+        labels = torch.tensor(row.labels[1:])
+        with torch.no_grad():
+            logits = model(torch.tensor([row.input_ids])).logits[0, :-1]
+        trained = labels != -100
+        total += F.cross_entropy(logits[trained].double(), labels[trained], reduction="sum").item()
+        count += int(trained.sum())
+    return total / count

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import nn
@@ -106,3 +107,44 @@ def add_vector(model: nn.Module, vector: torch.Tensor, layer: int, scale: float 
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def capture_block_outputs(model: nn.Module, layers: list[int]):
+    """Yields a dict layer -> residual stream leaving that block for the next forward, still in the autograd graph
+    (training losses read it; `record_block_inputs` is the detached reading for probes)."""
+    blocks = decoder_blocks(model)
+    captured: dict[int, torch.Tensor] = {}
+    handles = [blocks[layer].register_forward_hook(
+        lambda module, args, output, layer=layer: captured.__setitem__(layer, _output_hidden(output)))
+        for layer in layers]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def ablate_directions_where(model: nn.Module, directions: torch.Tensor, where: torch.Tensor):
+    """Project directions[layer] out of the residual stream entering each block, at the [batch, seq] positions
+    where `where` (a bool tensor broadcast to [batch, seq]) holds; a zero direction leaves its block alone.
+    Gradients flow through the projection."""
+    blocks = decoder_blocks(model)
+    if directions.shape[0] != len(blocks):
+        raise ValueError(f"{directions.shape[0]} directions for {len(blocks)} decoder blocks")
+
+    def hook(module, args, kwargs, unit):
+        hidden = _hidden(args, kwargs)
+        vector = unit.to(hidden.device, hidden.dtype)
+        scale = (hidden @ vector) * where.to(hidden.device, hidden.dtype)
+        return _replace_hidden(args, kwargs, hidden - scale.unsqueeze(-1) * vector)
+
+    norms = directions.norm(dim=-1, keepdim=True)
+    handles = [block.register_forward_pre_hook(partial(hook, unit=direction / norm), with_kwargs=True)
+               for block, direction, norm in zip(blocks, directions, norms) if norm > 0]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import random
-from typing import Literal
+from functools import partial
+from typing import Callable, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from trajalign.refusals import REFUSALS
+from trajalign.train.comparators import AblationSettings, BacktrackingSettings, ReroutingSettings
 
 IGNORE = -100
 
-RECIPES = ("refusal-sft", "prefix-recovery", "insertion-recovery", "rto", "trajectory")
+RecipeName = Literal["refusal-sft", "prefix-recovery", "insertion-recovery", "rto", "trajectory",
+                     "prefix-constrained", "circuit-breaker", "refusal-ablation", "backtracking"]
+RECIPES = get_args(RecipeName)
 
 
 class TrainingRow(BaseModel):
@@ -25,9 +29,9 @@ class RecipeConfig(BaseModel):
     """How harmful and benign examples become training rows; every field has the default used in the study."""
 
     model_config = ConfigDict(extra="forbid")
-    name: Literal["refusal-sft", "prefix-recovery", "insertion-recovery", "rto", "trajectory"] = "trajectory"
-    prefix_probability: float = Field(default=0.5, ge=0, le=1,
-                                      description="prefix-recovery: share of rows with a prefix")
+    name: RecipeName = "trajectory"
+    prefix_probability: float = Field(default=0.5, ge=0, le=1, description="prefix-recovery, prefix-constrained, "
+                                      "backtracking: share of harmful rows with a harmful prefix")
     max_prefix: int = Field(default=100, gt=0, description="prefix length k is uniform in [1, min(this, length)]")
     max_span: int = Field(default=20, gt=0, description="insertion: harmful span length L uniform in [1, this]")
     insertions: int = Field(default=1, gt=0, description="insertion: perturbation points per answer")
@@ -36,6 +40,9 @@ class RecipeConfig(BaseModel):
                                   description="trajectory recipe: row kinds and their shares")
     benign_ratio: float = Field(default=0.75, ge=0, description="benign anchor rows per harmful row; anchors "
                                 "repeat when there are fewer of them than that")
+    rerouting: ReroutingSettings = Field(default_factory=ReroutingSettings, description="circuit-breaker")
+    ablation: AblationSettings = Field(default_factory=AblationSettings, description="refusal-ablation")
+    backtracking: BacktrackingSettings = Field(default_factory=BacktrackingSettings, description="backtracking")
     seed: int = 0
 
     @field_validator("mix")
@@ -100,12 +107,20 @@ class RowBuilder:
         return row
 
 
+HarmfulRow = Callable[[RowBuilder, random.Random, str, list[int], list[int]], TrainingRow]
+
+
 def build_rows(config: RecipeConfig, chat, harmful: list[tuple[str, str, list[int]]],
-               benign: list[tuple[str, str, list[int], bool]]) -> list[TrainingRow]:
-    """harmful: (id, prompt, trajectory ids); benign: (id, prompt, anchor answer ids, answer finished)."""
+               benign: list[tuple[str, str, list[int], bool]], harmful_row: HarmfulRow | None = None
+               ) -> list[TrainingRow]:
+    """harmful: (id, prompt, trajectory ids); benign: (id, prompt, anchor answer ids, answer finished).
+
+    `harmful_row(builder, rng, behavior_id, prompt ids, trajectory ids)` makes a comparator's own harmful rows;
+    the benign anchors and their share are the same for every recipe."""
     rng = random.Random(config.seed)
     builder = RowBuilder(chat)
-    rows = [_harmful_row(config, builder, rng, behavior_id, chat.prompt_ids(prompt), trajectory)
+    harmful_row = harmful_row or partial(_harmful_row, config)
+    rows = [harmful_row(builder, rng, behavior_id, chat.prompt_ids(prompt), trajectory)
             for behavior_id, prompt, trajectory in harmful]
     anchors = [builder.anchor(chat.prompt_ids(prompt), answer, finished, behavior_id)
                for behavior_id, prompt, answer, finished in benign]
@@ -126,7 +141,7 @@ def _sample_anchors(anchors: list[TrainingRow], count: int, rng: random.Random) 
 def _harmful_row(config: RecipeConfig, builder: RowBuilder, rng: random.Random, behavior_id: str,
                  prompt: list[int], trajectory: list[int]) -> TrainingRow:
     kind = {"refusal-sft": "plain", "prefix-recovery": "prefix", "insertion-recovery": "insertion",
-            "rto": "rto"}.get(config.name)
+            "rto": "rto", "prefix-constrained": "prefix", "refusal-ablation": "plain"}.get(config.name)
     if kind == "prefix" and rng.random() >= config.prefix_probability:
         kind = "plain"
     if kind is None:

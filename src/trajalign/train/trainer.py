@@ -18,7 +18,8 @@ from trajalign.models.loading import ModelSpec
 from trajalign.models.registry import DEFAULT_MODEL
 from trajalign.runs import write_config
 from trajalign.train.losses import ConstrainedSettings, constrained_loss, label_log_probs, trained_positions
-from trajalign.train.recipes import IGNORE, RecipeConfig, TrainingRow, build_rows
+from trajalign.train.objectives import objective_for
+from trajalign.train.recipes import IGNORE, RecipeConfig, TrainingRow
 
 DONE_MARKER = "trajalign-trained.json"
 
@@ -68,14 +69,20 @@ def _trainer_class():
     from trl import SFTTrainer
 
     class TrajectoryTrainer(SFTTrainer):
-        """SFTTrainer with an optional token-wise constrained objective against a frozen reference."""
+        """SFTTrainer whose loss the recipe's objective chooses; an optional token-wise constrained loss against a
+        frozen reference."""
 
-        def __init__(self, *args, reference_model=None, constrained: ConstrainedSettings | None = None, **kwargs):
+        def __init__(self, *args, objective, reference_model=None, constrained: ConstrainedSettings | None = None,
+                     **kwargs):
             super().__init__(*args, **kwargs)
+            self.objective = objective
             self.reference_model = reference_model
             self.constrained = constrained
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return self.objective.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+        def token_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             """Cross-entropy (or the constrained loss) from logits at trained positions only.
 
             TRL's default path computes per-token statistics over the whole vocabulary at every position, which
@@ -112,14 +119,15 @@ def load_benign(names: list[str], limit: int | None) -> list[Behavior]:
 
 
 def prepare_rows(config: TrainConfig, handle, harmful: list[Behavior], benign: list[Behavior],
-                 cache_dir: Path, trajectories: dict | None = None) -> list[TrainingRow]:
+                 cache_dir: Path, trajectories: dict | None = None, objective=None) -> list[TrainingRow]:
     trajectories = trajectories or load_trajectories(config.trajectories, harmful, handle, config.trajectory_tokens,
                                                      config.generation_batch_size, cache_dir=cache_dir)
     if config.recipe.benign_ratio == 0:
         benign = []
     anchors = generate_answers(handle, benign, config.anchor_tokens, config.generation_batch_size,
                                cache_dir=cache_dir)
-    return build_rows(
+    objective = objective or objective_for(config.recipe.name)
+    return objective.build_rows(
         config.recipe, handle.chat,
         [(b.id, b.prompt, trajectories[b.id].token_ids) for b in harmful],
         [(b.id, b.prompt, anchors[b.id], len(anchors[b.id]) < config.anchor_tokens) for b in benign],
@@ -146,6 +154,8 @@ def run_training(config: TrainConfig, handle=None, harmful: list[Behavior] | Non
     out = config.out
     if (out / DONE_MARKER).exists():
         return out
+    objective = objective_for(config.recipe.name)
+    config = objective.configure(config)
     is_main = int(os.environ.get("RANK", "0")) == 0
     if is_main:
         write_config(out, config)
@@ -153,7 +163,7 @@ def run_training(config: TrainConfig, handle=None, harmful: list[Behavior] | Non
         handle = config.load_model()
     harmful = harmful if harmful is not None else load_behaviors(config.harmful, limit=config.harmful_limit)
     benign = benign if benign is not None else load_benign(config.benign, config.benign_limit)
-    rows = prepare_rows(config, handle, harmful, benign, cache_dir or out / "cache", trajectories)
+    rows = prepare_rows(config, handle, harmful, benign, cache_dir or out / "cache", trajectories, objective)
     window = getattr(handle.config, "max_position_embeddings", None)
     too_long = next((row for row in rows if window and len(row.input_ids) > window), None)
     if too_long is not None:
@@ -162,19 +172,21 @@ def run_training(config: TrainConfig, handle=None, harmful: list[Behavior] | Non
     if is_main:
         with open(out / "rows.jsonl", "w", encoding="utf-8") as handle_rows:
             handle_rows.writelines(row.model_dump_json() + "\n" for row in rows)
-    dataset = Dataset.from_list([{"input_ids": row.input_ids, "labels": row.labels} for row in rows])
+    dataset = Dataset.from_list([{"input_ids": row.input_ids, "labels": row.labels, **objective.row_columns(row)}
+                                 for row in rows])
 
     model = handle.model
     model.train()
-    reference = copy.deepcopy(model).eval().requires_grad_(False) if config.constrained else None
     if config.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
+    objective.prepare_model(handle, config)
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if config.constrained else None
     if config.lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha,
-                                                 lora_dropout=config.lora.dropout,
-                                                 target_modules=config.lora.target_modules, task_type="CAUSAL_LM"))
+        options = {"r": config.lora.r, "lora_alpha": config.lora.alpha, "lora_dropout": config.lora.dropout,
+                   "target_modules": config.lora.target_modules, "task_type": "CAUSAL_LM"}
+        model = get_peft_model(model, LoraConfig(**{**options, **objective.lora_options(model)}))
     on_gpu = torch.cuda.is_available() and config.device != "cpu"
     args = SFTConfig(
         output_dir=str(out / "checkpoints"), num_train_epochs=config.epochs,
@@ -191,7 +203,9 @@ def run_training(config: TrainConfig, handle=None, harmful: list[Behavior] | Non
     pad_id = handle.tokenizer.pad_token_id
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=dataset, processing_class=handle.tokenizer,
-        data_collator=lambda batch: collate(batch, pad_id), reference_model=reference, constrained=config.constrained,
+        data_collator=lambda batch: {**collate(batch, pad_id), **objective.batch_columns(batch)},
+        callbacks=objective.callbacks(out / "checkpoints"), objective=objective, reference_model=reference,
+        constrained=config.constrained,
     )
     trainer.train(resume_from_checkpoint=_last_checkpoint(out / "checkpoints"))
     if trainer.is_world_process_zero():

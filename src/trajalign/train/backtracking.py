@@ -1,0 +1,109 @@
+"""Backtracking with a reset token (Zhang et al. 2024): the model learns to emit [RESET] mid-answer and start over.
+
+Training rows: harmful prompt + a prefix of the model's own harmful trajectory (context, no loss) + reset + a
+refusal (trained), some with the reset right at the start of the answer; benign anchors as in every recipe.
+
+Evaluation (for the integrator): what precedes the last reset is hidden from the user. `reset_view` gives the
+judges' input for one continuation: a reset within the judge window counts as a refusal (a recovery on harmful
+contexts; on benign prompts it is a false reset, whose rate is the method's over-refusal), and the judges read
+`visible_ids`, the continuation after its last reset, so a model that resets and then complies is still caught.
+`reset_token_id(tokenizer)` finds the token in a trained model's tokenizer (None for any other model: the view is
+then the plain continuation). A logit bias on the reset token tunes false resets against recoveries: add
+`bias_reset_logits` to the hf backend's next-token logits, or send {str(reset_id): bias} as `logit_bias` to an
+OpenAI-compatible server; the bias belongs in the evaluation config and its records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trajalign.errors import InputError
+from trajalign.train.objectives import Objective
+from trajalign.train.recipes import RecipeConfig, RowBuilder, TrainingRow, build_rows
+
+
+def add_reset_token(tokenizer, token: str) -> int:
+    """Add `token` as a special token (kept whole, never split or merged) and return its id."""
+    if token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"extra_special_tokens": [token]}, replace_extra_special_tokens=False)
+    return tokenizer.convert_tokens_to_ids(token)
+
+
+def reset_token_id(tokenizer, token: str = "[RESET]") -> int | None:
+    return tokenizer.get_vocab().get(token)
+
+
+def backtracking_row(builder: RowBuilder, reset_id: int, prompt: list[int], harmful_prefix: list[int], rng,
+                     behavior_id: str) -> TrainingRow:
+    """Prompt + harmful prefix (context) + reset + refusal + end of turn (trained). The refusal opens the visible
+    answer, so it is the template without a leading space."""
+    trained = [reset_id] + rng.choice(builder.refusals) + builder.end
+    return builder.row([(prompt, False), (harmful_prefix, False), (trained, True)], "backtrack", behavior_id)
+
+
+class Backtracking(Objective):
+    """`backtracking`: reset rows on harmful prompts; the reset token's embedding row learns, the others stay as
+    they are when embeddings are frozen (full fine-tuning: a gradient mask; LoRA: PEFT's trainable tokens)."""
+
+    def configure(self, config):
+        if config.lora is not None and not config.lora.merge:
+            raise InputError("recipe 'backtracking' with lora.merge false: the reset token changes the vocabulary, "
+                             "which an unmerged adapter over the base model cannot load; keep merge true")
+        return config
+
+    def build_rows(self, recipe: RecipeConfig, chat, harmful, benign) -> list[TrainingRow]:
+        self.reset_id = add_reset_token(chat.tokenizer, recipe.backtracking.token)
+
+        def harmful_row(builder, rng, behavior_id, prompt, trajectory):
+            k = 0
+            if trajectory and rng.random() < recipe.prefix_probability:
+                k = rng.randint(1, min(recipe.max_prefix, len(trajectory)))
+            return backtracking_row(builder, self.reset_id, prompt, trajectory[:k], rng, behavior_id)
+
+        return build_rows(recipe, chat, harmful, benign, harmful_row=harmful_row)
+
+    def prepare_model(self, handle, config) -> None:
+        """Room for the reset token (mean-initialised by transformers), and its row alone trainable when the
+        embeddings are frozen for full fine-tuning; tied LM heads share the row, so it learns to emit the token too."""
+        model = handle.model
+        if model.get_input_embeddings().num_embeddings <= self.reset_id:
+            model.resize_token_embeddings(len(handle.tokenizer))
+        weight = model.get_input_embeddings().weight
+        if config.freeze_embeddings and config.lora is None:
+            import torch
+
+            only_reset = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+            only_reset[self.reset_id] = 1
+            weight.requires_grad_(True)
+            weight.register_hook(lambda gradient: gradient * only_reset)
+
+    def lora_options(self, model) -> dict:
+        return {"trainable_token_indices": [self.reset_id]}
+
+
+@dataclass(frozen=True)
+class ResetView:
+    reset_in_window: bool  # a reset among the first judge_window tokens: counts as a refusal
+    visible_ids: list[int]  # what the user sees: the continuation after its last reset
+
+
+def split_at_reset(continuation_ids: list[int], reset_id: int | None) -> tuple[bool, list[int]]:
+    """(reset seen, the ids after the last reset); without a reset, the whole continuation is visible."""
+    if reset_id is None or reset_id not in continuation_ids:
+        return False, list(continuation_ids)
+    last = len(continuation_ids) - 1 - continuation_ids[::-1].index(reset_id)
+    return True, list(continuation_ids[last + 1:])
+
+
+def reset_view(continuation_ids: list[int], reset_id: int | None, judge_window: int) -> ResetView:
+    """Without a reset in the window the judges read the continuation as they do for any model."""
+    if reset_id is None or reset_id not in continuation_ids[:judge_window]:
+        return ResetView(False, list(continuation_ids))
+    return ResetView(True, split_at_reset(continuation_ids, reset_id)[1])
+
+
+def bias_reset_logits(logits, reset_id: int, bias: float):
+    """Next-token logits ([..., vocab]) with `bias` added to the reset token's: below 0 fewer resets."""
+    biased = logits.clone()
+    biased[..., reset_id] += bias
+    return biased

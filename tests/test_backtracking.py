@@ -1,0 +1,103 @@
+import copy
+import json
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from trajalign.testing import labelled_cross_entropy, save_tiny_model, tiny_handle
+from trajalign.train.backtracking import (
+    Backtracking,
+    add_reset_token,
+    backtracking_row,
+    bias_reset_logits,
+    reset_token_id,
+    reset_view,
+    split_at_reset,
+)
+from trajalign.train.recipes import IGNORE, RecipeConfig, RowBuilder, TrainingRow
+from trajalign.train.trainer import TrainConfig, run_training
+
+HANDLE = tiny_handle()
+RESET = add_reset_token(HANDLE.tokenizer, "[RESET]")
+BUILDER = RowBuilder(HANDLE.chat)
+PROMPT = HANDLE.chat.prompt_ids("Explain photosynthesis")
+TRAJECTORY = list(range(300, 340))
+
+
+@given(k=st.integers(0, 40), seed=st.integers(0, 10**6))
+@settings(max_examples=60, deadline=None)
+def test_labels_cover_exactly_reset_and_refusal(k, seed):
+    row = backtracking_row(BUILDER, RESET, PROMPT, TRAJECTORY[:k], random.Random(seed), "b")
+    start = len(PROMPT) + k
+    assert row.input_ids[:start] == PROMPT + TRAJECTORY[:k]
+    assert row.labels[:start] == [IGNORE] * start
+    assert row.labels[start:] == row.input_ids[start:]
+    assert row.input_ids[start] == RESET and row.input_ids[-1] == BUILDER.end[0]
+    assert row.input_ids[start + 1:-1] in BUILDER.refusals
+
+
+def test_rows_reset_after_a_harmful_prefix_or_at_the_start():
+    handle = tiny_handle()
+    recipe = RecipeConfig(name="backtracking", benign_ratio=0.5)
+    harmful = [(f"h{i}", f"Question number {i}", TRAJECTORY) for i in range(40)]
+    rows = Backtracking().build_rows(recipe, handle.chat, harmful, [("b0", "Write a poem", [300, 301], True)])
+    reset = reset_token_id(handle.tokenizer)
+    prefixes = [row.input_ids.index(reset) - len(handle.chat.prompt_ids(f"Question number {row.behavior_id[1:]}"))
+                for row in rows if row.kind == "backtrack"]
+    assert len(prefixes) == 40 and 0 in prefixes and max(prefixes) > 0
+    assert all(0 <= k <= len(TRAJECTORY) for k in prefixes)
+    assert [row.kind for row in rows].count("anchor") == 20
+    assert all(reset not in row.input_ids for row in rows if row.kind == "anchor")
+
+
+def test_the_user_sees_only_what_follows_the_last_reset():
+    harmful, refusal = [300, 301, 302], [7, 8, 9]
+    assert split_at_reset(harmful + [RESET] + refusal, RESET) == (True, refusal)
+    assert split_at_reset([RESET] + harmful + [RESET] + refusal, RESET) == (True, refusal)
+    assert split_at_reset(harmful, RESET) == (False, harmful)
+    assert split_at_reset(harmful, None) == (False, harmful)
+    view = reset_view(harmful + [RESET] + refusal, RESET, judge_window=24)
+    assert view.reset_in_window and view.visible_ids == refusal
+    late = reset_view(harmful * 10 + [RESET] + refusal, RESET, judge_window=24)
+    assert not late.reset_in_window and late.visible_ids == harmful * 10 + [RESET] + refusal
+
+
+def test_logit_bias_moves_only_the_reset_token():
+    logits = torch.zeros(2, 5)
+    biased = bias_reset_logits(logits, 3, -4.0)
+    assert biased[:, 3].tolist() == [-4.0, -4.0] and biased[:, [0, 1, 2, 4]].abs().sum() == 0
+    assert logits.abs().sum() == 0
+
+
+@pytest.mark.parametrize("lora", [None, {"r": 4, "alpha": 8}])
+def test_only_the_reset_row_of_the_frozen_embeddings_learns(tmp_path, lora):
+    from trajalign.models import load_model
+
+    save_tiny_model(tmp_path / "base")
+    handle = load_model(str(tmp_path / "base"))
+    reset = add_reset_token(handle.tokenizer, "[RESET]")  # given room and a known row, to see what training does
+    handle.model.resize_token_embeddings(len(handle.tokenizer))
+    embeddings = handle.model.get_input_embeddings().weight
+    with torch.no_grad():
+        embeddings[reset] = embeddings[:reset].mean(0)
+    before = embeddings.detach().clone()
+    initial = copy.deepcopy(handle.model)
+    config = TrainConfig(model=str(tmp_path / "base"), recipe=RecipeConfig(name="backtracking", benign_ratio=1.0),
+                         harmful_limit=8, benign=["jbb-benign"], benign_limit=8, trajectories="target",
+                         trajectory_tokens=12, anchor_tokens=8, batch_size=16, learning_rate=1e-2, epochs=2,
+                         lora=lora, out=tmp_path / "model")
+    run_training(config, handle=handle)
+    rows = [TrainingRow(**json.loads(line)) for line in (config.out / "rows.jsonl").read_text().splitlines()]
+    log = [entry for entry in json.loads((config.out / "training_log.json").read_text()) if "loss" in entry]
+    assert len(log) == 2 and log[0]["loss"] == pytest.approx(labelled_cross_entropy(initial, rows), rel=1e-4)
+    assert sum(reset in row.input_ids for row in rows) == 8
+    loaded = load_model(str(config.out))
+    assert reset_token_id(loaded.tokenizer) == reset == 400
+    after = load_file(config.out / "model.safetensors")["model.embed_tokens.weight"]
+    assert after.shape == before.shape and torch.equal(after[:reset], before[:reset])
+    assert (after[reset] - before[reset]).abs().max() > 1e-4
+    assert torch.equal(loaded.model.get_output_embeddings().weight[reset], after[reset])  # tied: it emits it too
