@@ -181,13 +181,20 @@ def train_command(
     model: Optional[str] = typer.Option(None, help="model spec to fine-tune"),
     recipe: Optional[str] = typer.Option(None, help="refusal-sft | prefix-recovery | insertion-recovery | rto | "
                                                      "trajectory"),
-    harmful: Optional[str] = typer.Option(None, help="harmful prompts: bundled name or file"),
-    harmful_limit: Optional[int] = typer.Option(None, help="first N harmful behaviors"),
-    benign: Optional[str] = typer.Option(None, help="benign prompts: comma-separated names or files"),
+    harmful: Optional[str] = typer.Option(None, help="harmful prompts: comma-separated names or files, each "
+                                                      "optionally NAME:N for its first N rows"),
+    harmful_limit: Optional[int] = typer.Option(None, help="first N behaviors of each harmful source without a limit"),
+    benign: Optional[str] = typer.Option(None, help="benign prompts: comma-separated names or files (NAME:N too)"),
     benign_limit: Optional[int] = typer.Option(None, help="first N benign prompts"),
+    anchor_answers: Optional[str] = typer.Option(None, help="self (the original model's answers) | reference "
+                                                             "(the datasets' own answers)"),
     trajectories: Optional[str] = typer.Option(None, help="model:SPEC | column:NAME | target"),
     lora: bool = typer.Option(False, "--lora", help="train a LoRA adapter (r=16, all linear layers), merged on save"),
     constrained: bool = typer.Option(False, "--constrained", help="Qi et al.'s token-wise constrained loss"),
+    kl_weight: Optional[float] = typer.Option(None, help="weight of KL(original || model) on benign rows"),
+    preference: bool = typer.Option(False, "--preference", help="a DPO stage after SFT (default settings)"),
+    rounds: Optional[int] = typer.Option(None, help="on-policy rounds: attack the trained model on its training "
+                                                     "behaviors, add its failures, train again"),
     epochs: Optional[float] = typer.Option(None),
     learning_rate: Optional[float] = typer.Option(None),
     batch_size: Optional[int] = typer.Option(None),
@@ -199,10 +206,12 @@ def train_command(
     from trajalign.train.trainer import TrainConfig, run_training
 
     overrides = {key: value for key, value in {
-        "model": model, "harmful": harmful, "harmful_limit": harmful_limit, "benign_limit": benign_limit,
-        "trajectories": trajectories, "epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size,
+        "model": model, "harmful": harmful.split(",") if harmful else None, "harmful_limit": harmful_limit,
+        "benign_limit": benign_limit, "anchor_answers": anchor_answers, "trajectories": trajectories,
+        "epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size,
         "benign": benign.split(",") if benign else None, "recipe": {"name": recipe} if recipe else None,
-        "lora": {} if lora else None, "constrained": {} if constrained else None,
+        "lora": {} if lora else None, "constrained": {} if constrained else None, "kl_weight": kl_weight,
+        "preference": {} if preference else None, "rounds": rounds,
         "out": str(out) if out else None, **security_options(trust_remote_code, allow_pickle)}.items()
         if value is not None}
     train_config = load_config(config, TrainConfig, overrides) if config else validate_config(
