@@ -50,15 +50,12 @@ def build_anchors(handle, behaviors: list[Behavior], sources: list[AnchorSource]
     settings = {behavior.id: source_of(behavior, sources) for behavior in behaviors}
     answers_of = {behavior.id: (settings[behavior.id] and settings[behavior.id].answers) or default_answers
                   for behavior in behaviors}
+    # dataset answers first: a missing one is an input error, found before minutes of generation
+    answers = {behavior.id: reference_answer(handle.tokenizer, behavior, max_tokens) for behavior in behaviors
+               if answers_of[behavior.id] == "reference"}
     distilled = [behavior for behavior in behaviors if answers_of[behavior.id] == "self"]
-    generated = generate_answers(handle, distilled, max_tokens, batch_size, cache_dir=cache_dir) if distilled else {}
-    anchors = []
-    for behavior in behaviors:
-        if answers_of[behavior.id] == "self":
-            answer = generated[behavior.id]
-            finished = len(answer) < max_tokens
-        else:
-            answer, finished = reference_answer(handle.tokenizer, behavior, max_tokens)
-        weight = settings[behavior.id].weight if settings[behavior.id] else 1.0
-        anchors.append(Anchor(behavior, answer, finished, weight))
-    return anchors
+    if distilled:
+        generated = generate_answers(handle, distilled, max_tokens, batch_size, cache_dir=cache_dir)
+        answers.update({behavior_id: (ids, len(ids) < max_tokens) for behavior_id, ids in generated.items()})
+    return [Anchor(behavior, *answers[behavior.id],
+                   weight=settings[behavior.id].weight if settings[behavior.id] else 1.0) for behavior in behaviors]

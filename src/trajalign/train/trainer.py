@@ -173,15 +173,15 @@ def prepare_materials(config: TrainConfig, handle, harmful: list[Behavior], beni
                       cache_dir: Path, trajectories: dict[str, Trajectory] | None = None) -> Materials:
     """Trajectories of the harmful behaviors (those not given are generated or read, and cached) and anchor
     answers of the benign ones; `handle` must hold the original model."""
+    if config.recipe.benign_ratio == 0 and config.preference is None:
+        benign = []
+    anchors = build_anchors(handle, benign, config.benign, config.anchor_answers, config.anchor_tokens,
+                            config.generation_batch_size, cache_dir)
     trajectories = dict(trajectories or {})
     missing = [behavior for behavior in harmful if behavior.id not in trajectories]
     if missing:
         trajectories.update(load_trajectories(config.trajectories, missing, handle, config.trajectory_tokens,
                                               config.generation_batch_size, cache_dir=cache_dir))
-    if config.recipe.benign_ratio == 0 and config.preference is None:
-        benign = []
-    anchors = build_anchors(handle, benign, config.benign, config.anchor_answers, config.anchor_tokens,
-                            config.generation_batch_size, cache_dir)
     return Materials([(b.id, b.prompt, trajectories[b.id].token_ids) for b in harmful], anchors)
 
 
