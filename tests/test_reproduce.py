@@ -1,5 +1,9 @@
+import pytest
+
 from trajalign import reproduce
 from trajalign.attacks import Prefill, PrefillPosition
+from trajalign.data.datasets import load_behaviors
+from trajalign.errors import InputError
 from trajalign.reproduce import (
     PRESETS,
     Reproduction,
@@ -8,7 +12,10 @@ from trajalign.reproduce import (
     split_behaviors,
     summary_markdown,
     validation_sets,
+    without_advbench,
 )
+from trajalign.train.preference import PreferenceSettings
+from trajalign.train.sources import AnchorSource, HarmfulSource
 from trajalign.train.trainer import LoraSettings
 
 
@@ -80,16 +87,66 @@ def test_everyday_refusals_are_split_by_source():
 def test_each_aligned_model_trains_with_its_own_settings(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(reproduce, "load_model", lambda spec: None)
-    monkeypatch.setattr(reproduce, "run_training", lambda config, **kwargs: seen.setdefault(config.out.name, config))
+    monkeypatch.setattr(reproduce, "run_training",
+                        lambda config, **kwargs: seen.setdefault(config.out.name, (config, kwargs)))
+    levers = dict(anchor_sources=[AnchorSource(name="self-instruct-seed", limit=3, answers="reference", weight=2)],
+                  harmful_sources=[HarmfulSource.model_validate("jbb-harmful:4")],
+                  benign_mix={"plain": 0.5, "prefix": 0.5}, kl_weight=0.3, preference=PreferenceSettings(beta=0.2))
     training = {"shallow": RoleTraining(epochs=2, benign_ratio=2.0),
-                "trajectory": RoleTraining(epochs=3, benign_ratio=1.0, lora=LoraSettings(r=8))}
+                "trajectory": RoleTraining(epochs=3, benign_ratio=1.0, lora=LoraSettings(r=8), **levers)}
     run = Reproduction("full", tmp_path, preset=PRESETS["full"].model_copy(update={"training": training}))
+    train, _ = split_behaviors(PRESETS["full"])
+    anchors = load_behaviors("jbb-benign")[:2]
     for role, recipe in (("shallow", "refusal-sft"), ("trajectory", "trajectory")):
-        run.train(role, [], [], {})
-        assert (seen[role].epochs, seen[role].recipe.benign_ratio) == (training[role].epochs,
-                                                                        training[role].benign_ratio)
-        assert seen[role].recipe.name == recipe
-        assert seen[role].lora == training[role].lora
+        run.train(role, train, anchors, {})
+        config, inputs = seen[role]
+        assert (config.epochs, config.recipe.benign_ratio) == (training[role].epochs, training[role].benign_ratio)
+        assert config.recipe.name == recipe
+        assert config.lora == training[role].lora
+        assert config.recipe.benign_mix == training[role].benign_mix
+        assert (config.kl_weight, config.preference) == (training[role].kl_weight, training[role].preference)
+        assert config.benign == training[role].anchor_sources
+    shallow, trajectory = seen["shallow"][1], seen["trajectory"][1]
+    assert shallow["harmful"] == train and shallow["benign"] == anchors
+    jbb_harmful = load_behaviors("jbb-harmful")[:4]
+    kept = [b for b in jbb_harmful if b.prompt.lower().rstrip(".") not in
+            {a.prompt.lower().rstrip(".") for a in load_behaviors("advbench")}]
+    assert trajectory["harmful"][:len(train)] == train and trajectory["harmful"][len(train):] == kept
+    assert trajectory["benign"] == anchors + load_behaviors("self-instruct-seed")[:3]
+
+
+def test_extra_harmful_behaviors_never_repeat_an_advbench_goal():
+    from trajalign.data.datasets import Behavior
+
+    advbench = load_behaviors("advbench")[7]
+    clash = Behavior(id="x-1", prompt=advbench.prompt.upper() + " ", dataset="x")
+    other = Behavior(id="x-2", prompt="Describe a different harmful thing", dataset="x")
+    assert without_advbench([clash, other]) == [other]
+
+
+def test_extra_anchors_may_not_be_over_refusal_prompts(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "load_model", lambda spec: None)
+    monkeypatch.setattr(reproduce, "run_training", lambda config, **kwargs: None)
+    training = {"trajectory": RoleTraining(epochs=1, benign_ratio=1.0,
+                                           anchor_sources=[AnchorSource(name="jbb-benign")])}
+    run = Reproduction("quick", tmp_path, preset=PRESETS["quick"].model_copy(update={"training": training}))
+    with pytest.raises(InputError, match="behavior 'jbb-benign-001': an over-refusal test or validation prompt"):
+        run.train("trajectory", [], [], {})
+
+
+def test_with_rounds_the_last_rounds_model_is_evaluated(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(reproduce, "load_model", lambda spec: None)
+    monkeypatch.setattr(reproduce, "run_rounds", lambda config, attacks, **kwargs: calls.append((config, attacks)))
+    training = {**PRESETS["quick"].training, "trajectory": RoleTraining(epochs=1, benign_ratio=1.0, rounds=3)}
+    run = Reproduction("quick", tmp_path, preset=PRESETS["quick"].model_copy(update={"training": training}))
+    run.train("trajectory", [], [], {})
+    (config, attacks), = calls
+    assert config.rounds == 3 and attacks.depths == [5, 10, 20, 40]
+    assert (attacks.insert_after, attacks.insert_length) == (PRESETS["quick"].insert_after,
+                                                             PRESETS["quick"].insert_length)
+    assert run.model_spec("trajectory") == str(tmp_path / "models" / "trajectory" / "round-3")
+    assert run.model_spec("shallow") == str(tmp_path / "models" / "shallow")
 
 
 def test_each_evaluation_reruns_from_its_saved_config(cli, tmp_path, monkeypatch):

@@ -206,13 +206,20 @@ def train_command(
     config: ConfigFile = None,
     model: Optional[str] = typer.Option(None, help="model spec to fine-tune"),
     recipe: Optional[str] = typer.Option(None, help=" | ".join(RECIPES)),
-    harmful: Optional[str] = typer.Option(None, help="harmful prompts: bundled name or file"),
-    harmful_limit: Optional[int] = typer.Option(None, help="first N harmful behaviors"),
-    benign: Optional[str] = typer.Option(None, help="benign prompts: comma-separated names or files"),
+    harmful: Optional[str] = typer.Option(None, help="harmful prompts: comma-separated names or files, each "
+                                                      "optionally NAME:N for its first N rows"),
+    harmful_limit: Optional[int] = typer.Option(None, help="first N behaviors of each harmful source without a limit"),
+    benign: Optional[str] = typer.Option(None, help="benign prompts: comma-separated names or files (NAME:N too)"),
     benign_limit: Optional[int] = typer.Option(None, help="first N benign prompts"),
+    anchor_answers: Optional[str] = typer.Option(None, help="self (the original model's answers) | reference "
+                                                             "(the datasets' own answers)"),
     trajectories: TrajectorySource = None,
     lora: bool = typer.Option(False, "--lora", help="train a LoRA adapter (r=16, all linear layers), merged on save"),
     constrained: bool = typer.Option(False, "--constrained", help="Qi et al.'s token-wise constrained loss"),
+    kl_weight: Optional[float] = typer.Option(None, help="weight of KL(original || model) on benign rows"),
+    preference: bool = typer.Option(False, "--preference", help="a DPO stage after SFT (default settings)"),
+    rounds: Optional[int] = typer.Option(None, help="on-policy rounds: attack the trained model on its training "
+                                                     "behaviors, add its failures, train again"),
     epochs: Optional[float] = typer.Option(None),
     learning_rate: Optional[float] = typer.Option(None),
     batch_size: Optional[int] = typer.Option(None),
@@ -223,10 +230,12 @@ def train_command(
     from trajalign.train.trainer import TrainConfig, run_training
 
     train_config = command_config(TrainConfig, config, {
-        "model": model, "harmful": harmful, "harmful_limit": harmful_limit, "benign_limit": benign_limit,
-        "trajectories": trajectories, "epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size,
+        "model": model, "harmful": harmful.split(",") if harmful else None, "harmful_limit": harmful_limit,
+        "benign_limit": benign_limit, "anchor_answers": anchor_answers, "trajectories": trajectories,
+        "epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size,
         "benign": benign.split(",") if benign else None, "recipe": {"name": recipe},
-        "lora": {} if lora else None, "constrained": {} if constrained else None, "out": out,
+        "lora": {} if lora else None, "constrained": {} if constrained else None, "kl_weight": kl_weight,
+        "preference": {} if preference else None, "rounds": rounds, "out": out,
         **security_options(trust_remote_code, allow_pickle)})
     stdout.print(f"model saved to {run_training(train_config)}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from itertools import zip_longest
 from pathlib import Path
@@ -16,21 +17,35 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from trajalign.attacks import Decoding, Insert, Prefill
-from trajalign.data.datasets import Behavior, load_behaviors
+from trajalign.data.datasets import Behavior, load_behaviors, write_behaviors
 from trajalign.data.trajectories import Trajectory, load_trajectories
 from trajalign.errors import InputError
 from trajalign.evaluate import EvalConfig, Evaluation
 from trajalign.models.loading import load_model
 from trajalign.models.registry import DEFAULT_MODEL
 from trajalign.probe.run import ProbeConfig, run_probe
+from trajalign.train.iteration import RoundAttacks, final_model_dir, run_rounds
+from trajalign.train.preference import PreferenceSettings
 from trajalign.train.recipes import RecipeConfig
+from trajalign.train.sources import AnchorSource, HarmfulSource, load_sources
 from trajalign.train.trainer import LoraSettings, TrainConfig, run_training
 
 
 class RoleTraining(BaseModel):
+    """How one aligned model of the study is trained; every lever defaults to what the study did before it."""
+
     epochs: float
     benign_ratio: float = Field(description="benign anchor rows per harmful row: the over-refusal lever")
     lora: LoraSettings | None = Field(default=None, description="train a LoRA adapter, merged on save")
+    anchor_sources: list[AnchorSource] = Field(default=[], description="anchors from these sources beside the "
+                                               "preset's, e.g. coconot-pref or dolly-train, each with its answers")
+    harmful_sources: list[HarmfulSource] = Field(default=[], description="harmful training behaviors beside "
+                                                 "AdvBench's training split, e.g. catqa:200")
+    benign_mix: dict[str, float] = Field(default={"plain": 1.0}, description="benign perturbation rows "
+                                         "(RecipeConfig.benign_mix)")
+    kl_weight: float = Field(default=0.0, ge=0, description="benign likelihood anchoring (TrainConfig.kl_weight)")
+    preference: PreferenceSettings | None = Field(default=None, description="a DPO stage after SFT")
+    rounds: int = Field(default=1, gt=0, description="on-policy rounds on the training behaviors")
 
 
 class Preset(BaseModel):
@@ -71,6 +86,17 @@ CONTINUATION_TOKENS = 24  # what the judge reads
 # evaluations, the sampled decoding sweep above all, run in wide batches.
 GENERATION_BATCH_SIZE = 64
 MAX_ANCHOR_PROMPT_CHARS = 300
+
+
+def _normalized(prompt: str) -> str:
+    return re.sub(r"\W+", " ", prompt.lower()).strip()
+
+
+def without_advbench(behaviors: list[Behavior]) -> list[Behavior]:
+    """Harmful behaviors from other sources, less any whose goal is an AdvBench goal: validation and test
+    behaviors are AdvBench's, and none of them may be trained on."""
+    advbench = {_normalized(behavior.prompt) for behavior in load_behaviors("advbench")}
+    return [behavior for behavior in behaviors if _normalized(behavior.prompt) not in advbench]
 
 
 def _shuffled_advbench(seed: int) -> list[Behavior]:
@@ -143,7 +169,9 @@ class Reproduction:
         return _Stage()
 
     def model_spec(self, role: str) -> str:
-        return DEFAULT_MODEL if role == "original" else str(self.out / "models" / role)
+        if role == "original":
+            return DEFAULT_MODEL
+        return str(final_model_dir(self.out / "models" / role, self.preset.training[role].rounds))
 
     def run(self) -> dict:
         started = time.perf_counter()
@@ -186,14 +214,38 @@ class Reproduction:
 
     def train(self, role: str, train: list[Behavior], anchors: list[Behavior], trajectories) -> None:
         training = self.preset.training[role]
-        recipe_config = RecipeConfig(name=RECIPE_OF_ROLE[role], benign_ratio=training.benign_ratio)
-        config = TrainConfig(model=DEFAULT_MODEL, recipe=recipe_config, harmful_limit=None,
-                             benign=[], benign_limit=None, trajectory_tokens=self.preset.trajectory_tokens,
-                             anchor_tokens=self.preset.anchor_tokens, epochs=training.epochs,
-                             learning_rate=self.preset.learning_rate, lora=training.lora,
+        recipe_config = RecipeConfig(name=RECIPE_OF_ROLE[role], benign_ratio=training.benign_ratio,
+                                     benign_mix=training.benign_mix)
+        config = TrainConfig(model=DEFAULT_MODEL, recipe=recipe_config,
+                             harmful=[HarmfulSource(name="advbench"), *training.harmful_sources], harmful_limit=None,
+                             benign=training.anchor_sources, benign_limit=None,
+                             trajectory_tokens=self.preset.trajectory_tokens, anchor_tokens=self.preset.anchor_tokens,
+                             epochs=training.epochs, learning_rate=self.preset.learning_rate, lora=training.lora,
+                             kl_weight=training.kl_weight, preference=training.preference, rounds=training.rounds,
                              out=self.out / "models" / role)
-        run_training(config, handle=load_model(DEFAULT_MODEL), harmful=train, benign=anchors,
-                     trajectories=trajectories, cache_dir=self.out / "cache")
+        harmful = train + without_advbench(load_sources(training.harmful_sources))
+        benign = anchors + self._held_out_checked(load_sources(training.anchor_sources))
+        inputs = dict(handle=load_model(DEFAULT_MODEL), harmful=harmful, benign=benign, trajectories=trajectories,
+                      cache_dir=self.out / "cache")
+        if training.rounds > 1:
+            run_rounds(config, attacks=RoundAttacks(depths=[depth for depth in self.preset.depths if depth > 0],
+                                                    insert_after=self.preset.insert_after,
+                                                    insert_length=self.preset.insert_length,
+                                                    continuation_tokens=CONTINUATION_TOKENS,
+                                                    batch_size=GENERATION_BATCH_SIZE), **inputs)
+        else:
+            run_training(config, **inputs)
+
+    def _held_out_checked(self, anchors: list[Behavior]) -> list[Behavior]:
+        """Extra anchors may not be over-refusal test or validation prompts."""
+        _, evaluation = benign_sets(self.preset)
+        _, validation = validation_sets(self.preset)
+        held_out = {b.id for behaviors in [*evaluation.values(), *validation.values()] for b in behaviors}
+        clash = next((anchor for anchor in anchors if anchor.id in held_out), None)
+        if clash is not None:
+            raise InputError(f"dataset '{clash.dataset}' behavior '{clash.id}': an over-refusal test or validation "
+                             f"prompt cannot be a training anchor")
+        return anchors
 
     def _eval(self, role: str, name: str, attack, behaviors: list[Behavior],
               trajectories: dict[str, Trajectory] | None) -> list[dict]:
@@ -240,15 +292,6 @@ class Reproduction:
         results["steering"] = steering_effect(handle, direction, [b.prompt for b in test], harmless)
         (out / "probe.json").write_text(json.dumps(results, indent=2))
         return results
-
-
-def write_behaviors(path: Path, behaviors: list[Behavior]) -> Path:
-    """The behaviors as a JSONL file that `load_behaviors` reads back as they are (ids and source datasets
-    included); a file already there is kept, and the run's manifest refuses a resume onto other behaviors."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(b.model_dump_json(exclude_none=True) + "\n" for b in behaviors), encoding="utf-8")
-    return path
 
 
 def _rate(rows: list[dict], position: str) -> str:

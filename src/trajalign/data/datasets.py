@@ -303,3 +303,12 @@ def _optional_text(path: Path, number: int, record: dict, key: str) -> str | Non
     if not isinstance(value, str):
         raise InputError(f"{where(path, number, key)}: expected text, got {type(value).__name__}")
     return value
+
+
+def write_behaviors(path: Path, behaviors: list[Behavior]) -> Path:
+    """The behaviors as a JSONL file that `load_behaviors` reads back as they are (ids and source datasets
+    included); a file already there is kept, and the run's manifest refuses a resume onto other behaviors."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(b.model_dump_json(exclude_none=True) + "\n" for b in behaviors), encoding="utf-8")
+    return path

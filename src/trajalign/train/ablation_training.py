@@ -20,7 +20,7 @@ from trajalign.errors import InputError
 from trajalign.probe.direction import mean_activations
 from trajalign.probe.hooks import ablate_directions_where
 from trajalign.train.objectives import Objective
-from trajalign.train.recipes import RecipeConfig, TrainingRow, build_rows
+from trajalign.train.recipes import BENIGN_KINDS, RecipeConfig, TrainingRow, build_rows
 
 
 class RefusalAblation(Objective):
@@ -34,16 +34,16 @@ class RefusalAblation(Objective):
         self.directions_step: int | None = None
         self._draws: tuple[int, torch.Generator] | None = None
 
-    def build_rows(self, recipe: RecipeConfig, chat, harmful, benign) -> list[TrainingRow]:
+    def build_rows(self, recipe: RecipeConfig, chat, harmful, benign, weights=None) -> list[TrainingRow]:
         if not harmful or not benign:
             raise InputError("recipe 'refusal-ablation': its refusal direction needs harmful and harmless prompts; "
                              "give benign prompts and a benign_ratio above 0")
         self.harmful_prompts = [prompt for _, prompt, _ in harmful]
         self.harmless_prompts = [prompt for _, prompt, _, _ in benign]
-        return build_rows(recipe, chat, harmful, benign)
+        return build_rows(recipe, chat, harmful, benign, weights)
 
     def row_columns(self, row: TrainingRow) -> dict[str, int]:
-        return {"harmful": int(row.kind != "anchor")}
+        return {"harmful": int(row.kind not in BENIGN_KINDS)}
 
     def prepare_model(self, handle, config) -> None:
         self.handle = handle

@@ -51,7 +51,7 @@ class Backtracking(Objective):
                              "which an unmerged adapter over the base model cannot load; keep merge true")
         return config
 
-    def build_rows(self, recipe: RecipeConfig, chat, harmful, benign) -> list[TrainingRow]:
+    def build_rows(self, recipe: RecipeConfig, chat, harmful, benign, weights=None) -> list[TrainingRow]:
         self.reset_id = add_reset_token(chat.tokenizer, recipe.backtracking.token)
 
         def harmful_row(builder, rng, behavior_id, prompt, trajectory):
@@ -60,7 +60,7 @@ class Backtracking(Objective):
                 k = rng.randint(1, min(recipe.max_prefix, len(trajectory)))
             return backtracking_row(builder, self.reset_id, prompt, trajectory[:k], rng, behavior_id)
 
-        return build_rows(recipe, chat, harmful, benign, harmful_row=harmful_row)
+        return build_rows(recipe, chat, harmful, benign, weights, harmful_row=harmful_row)
 
     def prepare_model(self, handle, config) -> None:
         """Room for the reset token (mean-initialised by transformers), and its row alone trainable when the

@@ -20,8 +20,9 @@ class Objective:
         return config
 
     def build_rows(self, recipe: RecipeConfig, chat, harmful: list[tuple[str, str, list[int]]],
-                   benign: list[tuple[str, str, list[int], bool]]) -> list[TrainingRow]:
-        return build_rows(recipe, chat, harmful, benign)
+                   benign: list[tuple[str, str, list[int], bool]], weights: list[float] | None = None
+                   ) -> list[TrainingRow]:
+        return build_rows(recipe, chat, harmful, benign, weights)
 
     def row_columns(self, row: TrainingRow) -> dict[str, int]:
         return {}

@@ -16,6 +16,8 @@ IGNORE = -100
 RecipeName = Literal["refusal-sft", "prefix-recovery", "insertion-recovery", "rto", "trajectory",
                      "prefix-constrained", "circuit-breaker", "refusal-ablation", "backtracking"]
 RECIPES = get_args(RecipeName)
+BENIGN_KINDS = frozenset({"anchor", "benign-prefix", "benign-insertion", "on-policy-anchor"})  # carry on
+MAX_OWN_TOKENS = 8  # insertions: own tokens before the span, uniform in [1, this]
 
 
 class TrainingRow(BaseModel):
@@ -43,15 +45,28 @@ class RecipeConfig(BaseModel):
     rerouting: ReroutingSettings = Field(default_factory=ReroutingSettings, description="circuit-breaker")
     ablation: AblationSettings = Field(default_factory=AblationSettings, description="refusal-ablation")
     backtracking: BacktrackingSettings = Field(default_factory=BacktrackingSettings, description="backtracking")
+    benign_mix: dict[str, float] = Field(default={"plain": 1.0}, description="anchor rows and their shares: plain, "
+                                         "prefix (the answer prefilled to depth k, trained to continue) and "
+                                         "insertion (a span of another benign answer spliced in after j own "
+                                         "tokens, trained to continue); k, j and the span length are drawn as "
+                                         "for harmful rows")
     seed: int = 0
 
     @field_validator("mix")
     @classmethod
     def _known_kinds(cls, mix: dict[str, float]) -> dict[str, float]:
-        unknown = set(mix) - {"prefix", "insertion", "plain", "rto"}
-        if unknown or not mix or any(weight < 0 for weight in mix.values()) or sum(mix.values()) <= 0:
-            raise ValueError("mix takes non-negative shares of prefix, insertion, plain and rto")
-        return mix
+        return _shares(mix, {"prefix", "insertion", "plain", "rto"}, "mix")
+
+    @field_validator("benign_mix")
+    @classmethod
+    def _known_benign_kinds(cls, mix: dict[str, float]) -> dict[str, float]:
+        return _shares(mix, {"prefix", "insertion", "plain"}, "benign_mix")
+
+
+def _shares(mix: dict[str, float], kinds: set[str], field: str) -> dict[str, float]:
+    if set(mix) - kinds or not mix or any(weight < 0 for weight in mix.values()) or sum(mix.values()) <= 0:
+        raise ValueError(f"{field} takes non-negative shares of {', '.join(sorted(kinds))}")
+    return mix
 
 
 class RowBuilder:
@@ -78,6 +93,19 @@ class RowBuilder:
 
     def anchor(self, prompt: list[int], answer: list[int], finished: bool, behavior_id: str) -> TrainingRow:
         return self.row([(prompt, False), (answer + (self.end if finished else []), True)], "anchor", behavior_id)
+
+    def benign_prefix(self, prompt: list[int], answer: list[int], finished: bool, k: int,
+                      behavior_id: str) -> TrainingRow:
+        """The benign answer prefilled to depth k; the model is trained to carry on with the rest of it."""
+        return self.row([(prompt, False), (answer[:k], False), (answer[k:] + (self.end if finished else []), True)],
+                        "benign-prefix", behavior_id)
+
+    def benign_insertion(self, prompt: list[int], answer: list[int], finished: bool, j: int, span: list[int],
+                         behavior_id: str) -> TrainingRow:
+        """j own tokens, then a span of another benign answer; the model is trained to carry on with its own:
+        an interruption alone is no reason to refuse."""
+        return self.row([(prompt, False), (answer[:j], False), (span, False),
+                         (answer[j:] + (self.end if finished else []), True)], "benign-insertion", behavior_id)
 
     def prefix_recovery(self, prompt, trajectory, k: int, rng, behavior_id: str) -> TrainingRow:
         return self.row([(prompt, False), (trajectory[:k], False), (rng.choice(self.recoveries) + self.end, True)],
@@ -111,9 +139,10 @@ HarmfulRow = Callable[[RowBuilder, random.Random, str, list[int], list[int]], Tr
 
 
 def build_rows(config: RecipeConfig, chat, harmful: list[tuple[str, str, list[int]]],
-               benign: list[tuple[str, str, list[int], bool]], harmful_row: HarmfulRow | None = None
-               ) -> list[TrainingRow]:
-    """harmful: (id, prompt, trajectory ids); benign: (id, prompt, anchor answer ids, answer finished).
+               benign: list[tuple[str, str, list[int], bool]], weights: list[float] | None = None,
+               harmful_row: HarmfulRow | None = None) -> list[TrainingRow]:
+    """harmful: (id, prompt, trajectory ids); benign: (id, prompt, anchor answer ids, answer finished);
+    weights: per benign prompt, how often it is drawn among the anchor rows relative to the others.
 
     `harmful_row(builder, rng, behavior_id, prompt ids, trajectory ids)` makes a comparator's own harmful rows;
     the benign anchors and their share are the same for every recipe."""
@@ -122,20 +151,52 @@ def build_rows(config: RecipeConfig, chat, harmful: list[tuple[str, str, list[in
     harmful_row = harmful_row or partial(_harmful_row, config)
     rows = [harmful_row(builder, rng, behavior_id, chat.prompt_ids(prompt), trajectory)
             for behavior_id, prompt, trajectory in harmful]
-    anchors = [builder.anchor(chat.prompt_ids(prompt), answer, finished, behavior_id)
-               for behavior_id, prompt, answer, finished in benign]
-    rows += _sample_anchors(anchors, round(config.benign_ratio * len(rows)), rng)
+    prompts = [chat.prompt_ids(prompt) for _, prompt, _, _ in benign]
+    chosen = _sample_anchors(len(benign), round(config.benign_ratio * len(rows)), weights, rng)
+    rows += [_benign_row(config, builder, rng, index, prompts[index], benign) for index in chosen]
     rng.shuffle(rows)
     return rows
 
 
-def _sample_anchors(anchors: list[TrainingRow], count: int, rng: random.Random) -> list[TrainingRow]:
-    """`count` anchor rows: every anchor the same number of times (give or take one) when there are fewer anchors
-    than rows wanted, so that a benign ratio above what the anchors cover still weighs benign rows as asked."""
-    if not anchors:
+def _sample_anchors(available: int, count: int, weights: list[float] | None, rng: random.Random) -> list[int]:
+    """Indices of `count` anchor rows: every anchor the same number of times (give or take one) when there are
+    fewer anchors than rows wanted, so that a benign ratio above what the anchors cover still weighs benign rows
+    as asked; with unequal weights, each anchor's share of the rows follows its weight."""
+    if not available:
         return []
-    copies, remainder = divmod(count, len(anchors))
-    return anchors * copies + rng.sample(anchors, remainder)
+    if weights is None or len(set(weights)) == 1:
+        copies, remainder = divmod(count, available)
+        return list(range(available)) * copies + rng.sample(range(available), remainder)
+    total = sum(weights)
+    quotas = [count * weight / total for weight in weights]
+    chosen = [index for index, quota in enumerate(quotas) for _ in range(int(quota))]
+    order = list(range(available))
+    rng.shuffle(order)  # ties in the remainders go to a seeded random anchor, not the first one
+    by_remainder = sorted(order, key=lambda index: quotas[index] - int(quotas[index]), reverse=True)
+    return chosen + by_remainder[:count - len(chosen)]
+
+
+def _benign_row(config: RecipeConfig, builder: RowBuilder, rng: random.Random, index: int, prompt: list[int],
+                benign: list[tuple[str, str, list[int], bool]]) -> TrainingRow:
+    """An anchor row, or (as `benign_mix` asks) the same answer perturbed the way harmful rows are."""
+    behavior_id, _, answer, finished = benign[index]
+    kind = "plain"
+    if set(config.benign_mix) != {"plain"}:  # no draw otherwise, so the default rows stay what they were
+        kinds, shares = zip(*config.benign_mix.items())
+        kind = rng.choices(kinds, shares)[0]
+    if kind == "plain" or len(answer) < 2:
+        return builder.anchor(prompt, answer, finished, behavior_id)
+    if kind == "prefix":
+        k = rng.randint(1, min(config.max_prefix, len(answer) - 1))
+        return builder.benign_prefix(prompt, answer, finished, k, behavior_id)
+    foreigners = [other_answer for other_id, _, other_answer, _ in benign if other_id != behavior_id and other_answer]
+    if not foreigners:
+        return builder.anchor(prompt, answer, finished, behavior_id)
+    foreign = rng.choice(foreigners)
+    length = rng.randint(1, min(config.max_span, len(foreign)))
+    start = rng.randint(0, len(foreign) - length)
+    j = rng.randint(1, min(MAX_OWN_TOKENS, len(answer) - 1))
+    return builder.benign_insertion(prompt, answer, finished, j, foreign[start:start + length], behavior_id)
 
 
 def _harmful_row(config: RecipeConfig, builder: RowBuilder, rng: random.Random, behavior_id: str,
@@ -159,7 +220,7 @@ def _harmful_row(config: RecipeConfig, builder: RowBuilder, rng: random.Random, 
         cuts = []
         for _ in range(config.insertions):
             length = rng.randint(1, min(config.max_span, len(trajectory)))
-            cuts.append((rng.randint(1, 8), rng.randint(0, len(trajectory) - length), length))
+            cuts.append((rng.randint(1, MAX_OWN_TOKENS), rng.randint(0, len(trajectory) - length), length))
         return builder.insertion_recovery(prompt, trajectory, cuts, rng, behavior_id)
     positions = {m for m in range(len(trajectory)) if rng.random() < config.rto_fraction}
     return builder.rto(prompt, trajectory, positions, rng, behavior_id)

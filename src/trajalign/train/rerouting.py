@@ -82,8 +82,8 @@ class Rerouting(Objective):
     def configure(self, config):
         return config if config.lora is not None else config.model_copy(update={"lora": PAPER_LORA})
 
-    def build_rows(self, recipe: RecipeConfig, chat, harmful, benign) -> list[TrainingRow]:
-        return build_rows(recipe, chat, harmful, benign, harmful_row=rerouting_row)
+    def build_rows(self, recipe: RecipeConfig, chat, harmful, benign, weights=None) -> list[TrainingRow]:
+        return build_rows(recipe, chat, harmful, benign, weights, harmful_row=rerouting_row)
 
     def row_columns(self, row: TrainingRow) -> dict[str, int]:
         return {"rerouted": int(row.kind == "reroute")}

@@ -5,21 +5,27 @@ from __future__ import annotations
 import copy
 import json
 import os
+import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from trajalign.batching import pad_right
-from trajalign.data.datasets import BUNDLED, Behavior, load_behaviors
-from trajalign.data.trajectories import generate_answers, load_trajectories
+from trajalign.data.datasets import Behavior
+from trajalign.data.trajectories import Trajectory, load_trajectories
 from trajalign.errors import InputError
 from trajalign.models.loading import ModelSpec
 from trajalign.models.registry import DEFAULT_MODEL
 from trajalign.runs import write_config
+from trajalign.train.anchoring import anchoring_loss
+from trajalign.train.anchors import Anchor, build_anchors
 from trajalign.train.losses import ConstrainedSettings, constrained_loss, label_log_probs, trained_positions
 from trajalign.train.objectives import objective_for
-from trajalign.train.recipes import IGNORE, RecipeConfig, TrainingRow
+from trajalign.train.preference import PreferenceSettings, build_pairs, train_preference
+from trajalign.train.recipes import BENIGN_KINDS, IGNORE, RecipeConfig, TrainingRow
+from trajalign.train.sources import AnchorAnswers, AnchorSource, HarmfulSource, load_sources
 
 DONE_MARKER = "trajalign-trained.json"
 
@@ -37,15 +43,26 @@ class TrainConfig(ModelSpec):
     """One fine-tuning run: a model, a recipe, harmful and benign prompts, and optimisation settings."""
 
     recipe: RecipeConfig = Field(default_factory=RecipeConfig)
-    harmful: str = "advbench"
-    harmful_limit: int | None = 160
-    benign: list[str] = Field(default=["jbb-benign", "self-instruct-seed"])
-    benign_limit: int | None = 120
+    harmful: list[HarmfulSource] = Field(default=[HarmfulSource(name="advbench")],
+                                         description="harmful sources ('name' or 'name:N'); trajectories of each "
+                                         "come from the trajectory source")
+    harmful_limit: int | None = Field(default=160, description="first N behaviors of each harmful source that "
+                                      "sets no limit of its own")
+    benign: list[AnchorSource] = Field(default=[AnchorSource(name="jbb-benign"),
+                                                AnchorSource(name="self-instruct-seed")],
+                                       description="benign anchor sources, each with its limit, weight and answers")
+    benign_limit: int | None = Field(default=120, description="first N benign prompts of all sources together")
+    anchor_answers: AnchorAnswers = Field(default="self", description="anchor answers of sources that set none: "
+                                          "self (the original model's greedy answer) or reference (the dataset's)")
     trajectories: str = f"model:{DEFAULT_MODEL}"
     trajectory_tokens: int = Field(default=48, gt=0)
-    anchor_tokens: int = Field(default=64, gt=0, description="length of self-distilled benign answers")
+    anchor_tokens: int = Field(default=64, gt=0, description="anchor answers are cut to this many tokens")
     lora: LoraSettings | None = None
     constrained: ConstrainedSettings | None = None
+    kl_weight: float = Field(default=0.0, ge=0, description="benign likelihood anchoring: weight of "
+                             "KL(original || model) over the trained tokens of benign rows")
+    preference: PreferenceSettings | None = Field(default=None, description="a DPO stage after SFT")
+    rounds: int = Field(default=1, gt=0, description="on-policy rounds: attack, add the failures, train again")
     learning_rate: float = Field(default=5e-5, gt=0)
     epochs: float = Field(default=2.0, gt=0)
     batch_size: int = Field(default=16, gt=0)
@@ -57,27 +74,38 @@ class TrainConfig(ModelSpec):
     seed: int = 0
     out: Path = Path("runs/train")
 
+    @field_validator("harmful", mode="before")
+    @classmethod
+    def _one_or_more(cls, value):
+        return [value] if isinstance(value, str) else value
+
 
 def collate(rows: list[dict], pad_id: int) -> dict:
     """Right-pad input_ids with the pad token and labels with the ignore index."""
+    import torch
+
     input_ids, attention_mask = pad_right([row["input_ids"] for row in rows], pad_id)
     labels, _ = pad_right([row["labels"] for row in rows], IGNORE)
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if "benign" in rows[0]:  # benign likelihood anchoring needs to know which rows are benign
+        batch["benign"] = torch.tensor([row["benign"] for row in rows], dtype=torch.bool)
+    return batch
 
 
 def _trainer_class():
     from trl import SFTTrainer
 
     class TrajectoryTrainer(SFTTrainer):
-        """SFTTrainer whose loss the recipe's objective chooses; an optional token-wise constrained loss against a
-        frozen reference."""
+        """SFTTrainer whose loss the recipe's objective chooses; the token loss has an optional token-wise
+        constrained form and an optional KL term on benign rows, both against the frozen original."""
 
         def __init__(self, *args, objective, reference_model=None, constrained: ConstrainedSettings | None = None,
-                     **kwargs):
+                     kl_weight: float = 0.0, **kwargs):
             super().__init__(*args, **kwargs)
             self.objective = objective
             self.reference_model = reference_model
             self.constrained = constrained
+            self.kl_weight = kl_weight
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             return self.objective.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
@@ -104,34 +132,63 @@ def _trainer_class():
                 with torch.no_grad():
                     reference, _ = label_log_probs(self.reference_model(**forward).logits, targets)
                 loss = constrained_loss(log_probs, reference, mask, self.constrained)
+            if self.kl_weight:  # benign likelihood anchoring (trajalign.train.anchoring)
+                loss = loss + self.kl_weight * anchoring_loss(self.accelerator.unwrap_model(model),
+                                                              self.reference_model, forward, outputs.logits,
+                                                              targets, inputs["benign"])
             return (loss, outputs) if return_outputs else loss
 
     return TrajectoryTrainer
 
 
-def load_benign(names: list[str], limit: int | None) -> list[Behavior]:
-    behaviors = []
-    for name in names:
-        if name in BUNDLED and not BUNDLED[name].training_allowed:
-            raise InputError(f"dataset '{name}': its authors ask that it be used for evaluation only, not training")
-        behaviors += load_behaviors(name)
-    return behaviors[:limit] if limit else behaviors
+def load_harmful(config: TrainConfig) -> list[Behavior]:
+    return load_sources(config.harmful, config.harmful_limit)
 
 
-def prepare_rows(config: TrainConfig, handle, harmful: list[Behavior], benign: list[Behavior],
-                 cache_dir: Path, trajectories: dict | None = None, objective=None) -> list[TrainingRow]:
-    trajectories = trajectories or load_trajectories(config.trajectories, harmful, handle, config.trajectory_tokens,
-                                                     config.generation_batch_size, cache_dir=cache_dir)
-    if config.recipe.benign_ratio == 0:
+def load_benign(config: TrainConfig) -> list[Behavior]:
+    behaviors = load_sources(config.benign)
+    return behaviors[:config.benign_limit] if config.benign_limit else behaviors
+
+
+@dataclass
+class Materials:
+    """What training rows and preference pairs are built from, all from the original model or the datasets:
+    harmful (id, prompt, trajectory ids) and benign anchors."""
+
+    harmful: list[tuple[str, str, list[int]]]
+    anchors: list[Anchor]
+
+    @property
+    def benign(self) -> list[tuple[str, str, list[int], bool]]:
+        return [anchor.as_tuple() for anchor in self.anchors]
+
+
+def prepare_materials(config: TrainConfig, handle, harmful: list[Behavior], benign: list[Behavior],
+                      cache_dir: Path, trajectories: dict[str, Trajectory] | None = None) -> Materials:
+    """Trajectories of the harmful behaviors (those not given are generated or read, and cached) and anchor
+    answers of the benign ones; `handle` must hold the original model."""
+    if config.recipe.benign_ratio == 0 and config.preference is None:
         benign = []
-    anchors = generate_answers(handle, benign, config.anchor_tokens, config.generation_batch_size,
-                               cache_dir=cache_dir)
+    anchors = build_anchors(handle, benign, config.benign, config.anchor_answers, config.anchor_tokens,
+                            config.generation_batch_size, cache_dir)
+    trajectories = dict(trajectories or {})
+    missing = [behavior for behavior in harmful if behavior.id not in trajectories]
+    if missing:
+        trajectories.update(load_trajectories(config.trajectories, missing, handle, config.trajectory_tokens,
+                                              config.generation_batch_size, cache_dir=cache_dir))
+    return Materials([(b.id, b.prompt, trajectories[b.id].token_ids) for b in harmful], anchors)
+
+
+def prepare_rows(config: TrainConfig, chat, materials: Materials, extra_rows: list[TrainingRow] = (),
+                 objective=None) -> list[TrainingRow]:
+    """The recipe's rows, plus `extra_rows` (failures found by attacking a trained model) shuffled in."""
     objective = objective or objective_for(config.recipe.name)
-    return objective.build_rows(
-        config.recipe, handle.chat,
-        [(b.id, b.prompt, trajectories[b.id].token_ids) for b in harmful],
-        [(b.id, b.prompt, anchors[b.id], len(anchors[b.id]) < config.anchor_tokens) for b in benign],
-    )
+    rows = objective.build_rows(config.recipe, chat, materials.harmful, materials.benign,
+                                [anchor.weight for anchor in materials.anchors])
+    if extra_rows:
+        rows = rows + list(extra_rows)
+        random.Random(config.recipe.seed).shuffle(rows)
+    return rows
 
 
 def _last_checkpoint(directory: Path) -> str | None:
@@ -143,51 +200,93 @@ def _last_checkpoint(directory: Path) -> str | None:
 
 def run_training(config: TrainConfig, handle=None, harmful: list[Behavior] | None = None,
                  benign: list[Behavior] | None = None, trajectories: dict | None = None,
-                 cache_dir: Path | None = None) -> Path:
+                 cache_dir: Path | None = None, extra_rows: list[TrainingRow] = ()) -> Path:
     """Train and save an HF model directory at `config.out`; a killed run resumes from its last checkpoint.
 
-    `trajectories` and `cache_dir` let a caller share work already done (the reproduction does)."""
-    import torch
-    from datasets import Dataset
-    from trl import SFTConfig
+    `trajectories` and `cache_dir` let a caller share work already done (the reproduction does); `extra_rows`
+    join the recipe's rows. With a preference stage, the SFT model is kept in `out/sft` and DPO's result is
+    the model at `out`; with several rounds (trajalign.train.iteration), each round's model is `out/round-N` and
+    the last one's directory is returned."""
+    if config.rounds > 1:
+        from trajalign.train.iteration import run_rounds
 
+        return run_rounds(config, handle, harmful, benign, trajectories, cache_dir)[-1]
     out = config.out
     if (out / DONE_MARKER).exists():
         return out
     objective = objective_for(config.recipe.name)
     config = objective.configure(config)
+    if config.preference and config.lora and not config.lora.merge:
+        raise InputError("preference: the DPO stage trains on the merged SFT model; set lora.merge to true")
     is_main = int(os.environ.get("RANK", "0")) == 0
     if is_main:
         write_config(out, config)
-    if handle is None:
-        handle = config.load_model()
-    harmful = harmful if harmful is not None else load_behaviors(config.harmful, limit=config.harmful_limit)
-    benign = benign if benign is not None else load_benign(config.benign, config.benign_limit)
-    rows = prepare_rows(config, handle, harmful, benign, cache_dir or out / "cache", trajectories, objective)
+    handle = handle or config.load_model()
+    harmful = harmful if harmful is not None else load_harmful(config)
+    benign = benign if benign is not None else load_benign(config)
+    materials = prepare_materials(config, handle, harmful, benign, cache_dir or out / "cache", trajectories)
+    sft_out = out / "sft" if config.preference else out
+    if not (sft_out / DONE_MARKER).exists():
+        _fine_tune(config, handle, prepare_rows(config, handle.chat, materials, extra_rows, objective), sft_out,
+                   is_main, objective)
+    if config.preference:
+        _prefer(config, handle, materials, sft_out, is_main)
+    return out
+
+
+def _check_window(handle, items: list[tuple[str, str, int]]) -> None:
+    """items: (behavior id, row kind, tokens); each must fit the model's window."""
     window = getattr(handle.config, "max_position_embeddings", None)
-    too_long = next((row for row in rows if window and len(row.input_ids) > window), None)
+    too_long = next((item for item in items if window and item[2] > window), None)
     if too_long is not None:
-        raise InputError(f"behavior '{too_long.behavior_id}': a {too_long.kind} training row of "
-                         f"{len(too_long.input_ids)} tokens exceeds the model's window of {window}")
+        behavior_id, kind, length = too_long
+        raise InputError(f"behavior '{behavior_id}': a {kind} training row of {length} tokens exceeds the model's "
+                         f"window of {window}")
+
+
+def _on_gpu(config: TrainConfig) -> bool:
+    import torch
+
+    return torch.cuda.is_available() and config.device != "cpu"
+
+
+def _lora_config(config: TrainConfig, options: dict | None = None):
+    """The config's LoRA settings, with `options` (a comparator's own, e.g. which layers) taking precedence."""
+    from peft import LoraConfig
+
+    settings = {"r": config.lora.r, "lora_alpha": config.lora.alpha, "lora_dropout": config.lora.dropout,
+                "target_modules": config.lora.target_modules, "task_type": "CAUSAL_LM"}
+    return LoraConfig(**{**settings, **(options or {})})
+
+
+def _fine_tune(config: TrainConfig, handle, rows: list[TrainingRow], out: Path, is_main: bool, objective) -> None:
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    _check_window(handle, [(row.behavior_id, row.kind, len(row.input_ids)) for row in rows])
     if is_main:
+        out.mkdir(parents=True, exist_ok=True)
         with open(out / "rows.jsonl", "w", encoding="utf-8") as handle_rows:
             handle_rows.writelines(row.model_dump_json() + "\n" for row in rows)
-    dataset = Dataset.from_list([{"input_ids": row.input_ids, "labels": row.labels, **objective.row_columns(row)}
-                                 for row in rows])
+    columns = [{"input_ids": row.input_ids, "labels": row.labels, **objective.row_columns(row)} for row in rows]
+    if config.kl_weight:
+        columns = [{**column, "benign": row.kind in BENIGN_KINDS} for column, row in zip(columns, rows)]
+    dataset = Dataset.from_list(columns)
 
     model = handle.model
     model.train()
     if config.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
     objective.prepare_model(handle, config)
-    reference = copy.deepcopy(model).eval().requires_grad_(False) if config.constrained else None
+    # The frozen original: the constrained loss always keeps a copy; the KL term uses LoRA's disabled adapter
+    # when there is one, a copy otherwise.
+    needs_copy = config.constrained or (config.kl_weight and not config.lora)
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if needs_copy else None
     if config.lora:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        options = {"r": config.lora.r, "lora_alpha": config.lora.alpha, "lora_dropout": config.lora.dropout,
-                   "target_modules": config.lora.target_modules, "task_type": "CAUSAL_LM"}
-        model = get_peft_model(model, LoraConfig(**{**options, **objective.lora_options(model)}))
-    on_gpu = torch.cuda.is_available() and config.device != "cpu"
+        model = get_peft_model(model, _lora_config(config, objective.lora_options(model)))
+    on_gpu = _on_gpu(config)
     args = SFTConfig(
         output_dir=str(out / "checkpoints"), num_train_epochs=config.epochs,
         per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation,
@@ -205,16 +304,45 @@ def run_training(config: TrainConfig, handle=None, harmful: list[Behavior] | Non
         model=model, args=args, train_dataset=dataset, processing_class=handle.tokenizer,
         data_collator=lambda batch: {**collate(batch, pad_id), **objective.batch_columns(batch)},
         callbacks=objective.callbacks(out / "checkpoints"), objective=objective, reference_model=reference,
-        constrained=config.constrained,
+        constrained=config.constrained, kl_weight=config.kl_weight,
     )
     trainer.train(resume_from_checkpoint=_last_checkpoint(out / "checkpoints"))
     if trainer.is_world_process_zero():
-        _save(trainer.model, handle, config, out)
-        _write_log(trainer.state.log_history, out)
-        (out / DONE_MARKER).write_text(json.dumps({"rows": len(rows), "steps": trainer.state.global_step}))
-        # Only a killed run needs a resume point; the optimizer state makes a checkpoint ~2.5x the model.
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    return out
+        _finish(trainer, handle, config, out, {"rows": len(rows)})
+
+
+def _prefer(config: TrainConfig, handle, materials: Materials, sft_out: Path, is_main: bool) -> None:
+    """DPO on the SFT model at `sft_out`, the SFT model itself the reference; the result is saved at config.out."""
+    out = config.out
+    pairs = build_pairs(config.preference, config.recipe, handle.chat, materials.harmful, materials.benign)
+    _check_window(handle, [(pair.behavior_id, pair.kind, len(pair.prompt_ids) + max(len(pair.chosen_ids),
+                                                                                      len(pair.rejected_ids)))
+                           for pair in pairs])
+    if is_main:
+        with open(out / "pairs.jsonl", "w", encoding="utf-8") as handle_pairs:
+            handle_pairs.writelines(pair.model_dump_json() + "\n" for pair in pairs)
+    sft = config.model_copy(update={"model": str(sft_out)}).load_model()
+    model = sft.model
+    model.train()
+    if config.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    on_gpu = _on_gpu(config)
+    trainer = train_preference(config.preference, model, sft.tokenizer, pairs, out / "checkpoints",
+                               batch_size=config.batch_size, seed=config.seed, on_gpu=on_gpu,
+                               bf16=on_gpu and config.dtype == "bfloat16",
+                               lora_config=_lora_config(config) if config.lora else None,
+                               resume_from=_last_checkpoint(out / "checkpoints"), save_steps=config.save_steps,
+                               is_main=is_main)
+    if trainer.is_world_process_zero():
+        _finish(trainer, handle, config, out, {"pairs": len(pairs)})
+
+
+def _finish(trainer, handle, config: TrainConfig, out: Path, counts: dict) -> None:
+    _save(trainer.model, handle, config, out)
+    _write_log(trainer.state.log_history, out)
+    (out / DONE_MARKER).write_text(json.dumps({**counts, "steps": trainer.state.global_step}))
+    # Only a killed run needs a resume point; the optimizer state makes a checkpoint ~2.5x the model.
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
 
 def _save(model, handle, config: TrainConfig, out: Path) -> None:
