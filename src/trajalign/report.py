@@ -49,7 +49,7 @@ def _figure_png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
     except ImportError:
@@ -65,7 +65,7 @@ def _harmful(episodes: list[Episode]) -> list[Episode]:
 
 
 def depth_figure(episodes: list[Episode]):
-    plt = _pyplot()
+    plt = pyplot()
     groups: dict[str, dict[int, list[bool]]] = defaultdict(lambda: defaultdict(list))
     for episode in _harmful(episodes):
         if episode.attack_kind == "prefill" and episode.defense is None:
@@ -89,7 +89,7 @@ def depth_figure(episodes: list[Episode]):
 
 
 def insertion_figure(episodes: list[Episode]):
-    plt = _pyplot()
+    plt = pyplot()
     cells: dict[str, dict[tuple[int, int], list[bool]]] = defaultdict(lambda: defaultdict(list))
     for episode in _harmful(episodes):
         position = episode.position
@@ -120,7 +120,7 @@ def insertion_figure(episodes: list[Episode]):
 
 def _grouped_bars(groups: dict[str, dict[str, list[bool]]], ylabel: str, rotate: bool):
     """One bar per (category, model), coloured and hatched per model."""
-    plt = _pyplot()
+    plt = pyplot()
     categories = sorted({category for by_category in groups.values() for category in by_category})
     figure, axis = plt.subplots(figsize=(max(6, 0.6 * len(categories) * len(groups)), 3.6))
     width = 0.8 / len(groups)
@@ -167,7 +167,7 @@ def probe_figure(probe_dirs: list[Path], episodes: list[Episode]):
 
     from trajalign.probe.run import load_readings
 
-    plt = _pyplot()
+    plt = pyplot()
     panels = []
     for directory in probe_dirs:
         readings = {(r.behavior_id, r.depth): r for r in load_readings(directory)}
@@ -249,7 +249,7 @@ def between_model_figure(probe_dirs: list[Path], episodes: list[Episode]):
             profiles[directory.name] = depth_profile(readings, own, layer, shared)
     if not profiles:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
     for index, (model, rows) in enumerate(sorted(profiles.items())):
         style = dict(color=PALETTE[index % 7], marker=MARKERS[index % 7], linestyle=DASHES[index % 7], label=model)
@@ -383,7 +383,7 @@ def build_report(runs: list[Path], out_file: Path, tokenizer_spec: str | None = 
     probe_dirs = sorted({p.parent for run in runs for p in Path(run).rglob("readings.jsonl")})
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    plt = _pyplot()
+    plt = pyplot()
     figures = [("Recovery against injection depth", "recovery_by_depth", depth_figure(episodes)),
                ("Insertion attack: recovery by insertion point and span length", "insertion_heatmap",
                 insertion_figure(episodes)),
