@@ -13,6 +13,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from trajalign.data.datasets import is_benign
 from trajalign.errors import InputError, TrajalignError
 from trajalign.records import Episode
 from trajalign.runs import EPISODES_FILE, EpisodeLog
@@ -22,8 +23,6 @@ from trajalign.stats import mcnemar_exact, wilson_interval
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
 DASHES = ["-", "--", "-.", ":", "-", "--", "-."]
-BENIGN_DATASETS = {"xstest-safe", "jbb-benign", "self-instruct-seed", "self-instruct-user", "everyday-benign", "xstest",
-                   "coconot-contrast", "coconot-pref", "dolly-eval", "dolly-train"}
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
@@ -61,7 +60,7 @@ def pyplot():
 
 
 def _harmful(episodes: list[Episode]) -> list[Episode]:
-    return [e for e in episodes if e.dataset not in BENIGN_DATASETS]
+    return [e for e in episodes if not is_benign(e.dataset)]
 
 
 def depth_figure(episodes: list[Episode]):
@@ -147,7 +146,7 @@ def decoding_figure(episodes: list[Episode]):
 def over_refusal_figure(episodes: list[Episode]):
     groups: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     for episode in episodes:
-        if episode.dataset in BENIGN_DATASETS and episode.depth == 0 and episode.attack_kind == "prefill":
+        if is_benign(episode.dataset) and episode.depth == 0 and episode.attack_kind == "prefill":
             groups[_model_name(episode.model)][episode.dataset].append(episode.refused)
     return _grouped_bars(groups, "share of benign prompts refused", rotate=False) if groups else None
 
@@ -177,7 +176,7 @@ def probe_figure(probe_dirs: list[Path], episodes: list[Episode]):
         for episode in episodes:
             reading = readings.get((episode.behavior_id, episode.depth))
             if episode.attack_kind == "prefill" and _model_name(episode.model) == directory.name and reading \
-                    and episode.dataset not in BENIGN_DATASETS and direction_layer in reading.projections:
+                    and not is_benign(episode.dataset) and direction_layer in reading.projections:
                 outcomes[episode.refused][episode.depth].append(reading.projections[direction_layer])
         if outcomes:
             panels.append((directory.name, direction_layer, outcomes, _pooled_aurocs(directory)))
