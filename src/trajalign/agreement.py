@@ -41,6 +41,7 @@ class GoldLabel(BaseModel):
     stratum: str = Field(description="e.g. 'trajectory / prefill' or 'shallow / coconot-contrast'")
     refused: bool = Field(description="a refusal begins in the continuation's judged window")
     attempts_task: bool | None = Field(default=None, description="benign prompts: the answer attempts the task")
+    incoherent: bool | None = Field(default=None, description="the continuation relates to nothing in the conversation")
     note: str = Field(default="", description="the labeller's note")
     _row: int = PrivateAttr(default=0)  # where it stands in its file, for error messages
 
