@@ -15,6 +15,7 @@ from pathlib import Path
 
 from trajalign.errors import InputError
 from trajalign.records import Episode
+from trajalign.requirements import require
 from trajalign.runs import EPISODES_FILE, EpisodeLog
 from trajalign.stats import mcnemar_exact, wilson_interval
 
@@ -49,11 +50,7 @@ def _figure_png(figure) -> bytes:
 
 
 def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise InputError("the report needs matplotlib: pip install 'trajalign[plot]'") from None
-    matplotlib.use("Agg")
+    require("matplotlib", "the report").use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
@@ -295,6 +292,7 @@ details.episode{margin:.4em 0;border:1px solid #ddd;padding:4px}"""
 
 def build_report(runs: list[Path], out_file: Path, tokenizer_spec: str | None = None) -> Path:
     """Write the HTML report, its PNGs and summary.md next to `out_file`."""
+    plt = _pyplot()
     episodes = collect_episodes(runs)
     if not episodes:
         raise InputError(f"{', '.join(map(str, runs))}: no episodes to report")
@@ -302,7 +300,6 @@ def build_report(runs: list[Path], out_file: Path, tokenizer_spec: str | None = 
     probe_dirs = sorted({p.parent for run in runs for p in Path(run).rglob("readings.jsonl")})
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    plt = _pyplot()
     figures = [("Recovery against injection depth", "recovery_by_depth", depth_figure(episodes)),
                ("Insertion attack: recovery by insertion point and span length", "insertion_heatmap",
                 insertion_figure(episodes)),

@@ -18,6 +18,7 @@ from typing import Any
 from trajalign.errors import InputError, TrajalignError
 from trajalign.models.chat import ChatFormat
 from trajalign.models.registry import EMBEDDED_MODELS, EmbeddedModel
+from trajalign.requirements import require
 
 _COMPLETE_MARKER = "trajalign-complete.json"
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -106,6 +107,12 @@ def _verify_gguf(entry: EmbeddedModel, gguf: Path) -> None:
         )
 
 
+def _require_gguf_support() -> None:
+    """transformers reads GGUF files with the gguf package and places their weights with accelerate."""
+    require("gguf", "loading a GGUF file")
+    require("accelerate", "loading a GGUF file")
+
+
 def convert_gguf_to_safetensors(gguf: Path, out_dir: Path) -> None:
     """Dequantize a GGUF with transformers and write an HF directory with safetensors weights.
 
@@ -116,6 +123,7 @@ def convert_gguf_to_safetensors(gguf: Path, out_dir: Path) -> None:
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _require_gguf_support()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -219,9 +227,7 @@ def _load_lora_directory(directory: Path, dtype, trust_remote_code: bool, allow_
         base_model, tokenizer = _load_any(base, dtype, trust_remote_code, allow_pickle)
     except InputError as error:
         raise InputError(f"{directory}: cannot load its LoRA base model '{base}': {error}") from None
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(base_model, directory), tokenizer
+    return require("peft", "loading a LoRA adapter").PeftModel.from_pretrained(base_model, directory), tokenizer
 
 
 def _load_any(spec: str, dtype, trust_remote_code: bool, allow_pickle: bool):
@@ -235,6 +241,7 @@ def _load_any(spec: str, dtype, trust_remote_code: bool, allow_pickle: bool):
     if path.suffix == ".gguf":
         if not path.is_file():
             raise InputError(f"{path}: GGUF file not found")
+        _require_gguf_support()
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         return model, tokenizer
