@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -58,18 +57,16 @@ def validate_config(model: type[BaseModel], data: dict, source: str) -> BaseMode
         raise InputError(f"{source} field '{field}': {first['msg']}") from None
 
 
-@contextmanager
-def progress_bar(description: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def display(quiet: bool):
+    """Progress on stderr: a live display per stage, or with --quiet only a line as each stage starts and ends."""
+    from trajalign.console import LineDisplay, LiveDisplay
 
-    with Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=stderr, transient=False) as progress:
-        task = progress.add_task(description, total=None)
+    if quiet:
+        return LineDisplay(lambda line: stderr.print(line, markup=False, highlight=False))
+    return LiveDisplay(stderr)
 
-        def update(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
 
-        yield update
+QUIET = typer.Option(False, "--quiet", help="only a line as each stage starts and ends (for logs and CI)")
 
 
 def security_options(trust_remote_code: bool, allow_pickle: bool) -> dict:
@@ -144,6 +141,7 @@ def eval_command(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run the model repository's code"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="accept pickle weights (they can run code)"),
     out: Optional[Path] = typer.Option(None, help="run directory (re-running resumes it)"),
+    quiet: bool = QUIET,
 ) -> None:
     """Attack a model with token-exact injections and judge whether it recovers."""
     from trajalign.evaluate import EvalConfig, Evaluation
@@ -169,8 +167,8 @@ def eval_command(
         overrides["backend_options"] = backend_options
     eval_config = load_config(config, EvalConfig, overrides) if config else validate_config(
         EvalConfig, overrides, "command line")
-    with progress_bar("eval") as update:
-        summary = Evaluation(eval_config).run(update)
+    with display(quiet).stage("eval") as progress:
+        summary = Evaluation(eval_config).run(lambda done, total: progress(done, total, "episodes"))
     print_summary(summary["rows"])
     stdout.print(f"episodes: {eval_config.out / 'episodes.jsonl'}  summary: {eval_config.out / 'summary.json'}")
 
@@ -194,6 +192,7 @@ def train_command(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run the model repository's code"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="accept pickle weights (they can run code)"),
     out: Optional[Path] = typer.Option(None, help="output model directory (re-running resumes it)"),
+    quiet: bool = QUIET,
 ) -> None:
     """Fine-tune a model on perturbed trajectories so that it recovers at any depth."""
     from trajalign.train.trainer import TrainConfig, run_training
@@ -207,7 +206,9 @@ def train_command(
         if value is not None}
     train_config = load_config(config, TrainConfig, overrides) if config else validate_config(
         TrainConfig, overrides, "command line")
-    stdout.print(f"model saved to {run_training(train_config)}")
+    with display(quiet).stage("train") as progress:
+        saved = run_training(train_config, progress=progress)
+    stdout.print(f"model saved to {saved}; training log in {saved / 'training.log'}")
 
 
 @app.command("probe")
@@ -250,17 +251,24 @@ def probe_command(
 
 @app.command("reproduce")
 def reproduce_command(
-    preset: str = typer.Option("quick", help="quick (about 7 minutes) | full (about 24 minutes on 2 cores)"),
+    preset: str = typer.Option("quick", help="quick (about 6 minutes on 2 cores) | full (about 24 minutes) | "
+                                             "smoke (every stage on a handful of behaviors, about 2 minutes)"),
     out: Path = typer.Option(Path("runs/reproduce"), help="run directory (re-running resumes it)"),
+    quiet: bool = QUIET,
 ) -> None:
     """The whole study in miniature: unaligned, shallow and trajectory-trained models, attacked and probed."""
-    from trajalign.reproduce import PRESETS, reproduce
+    from trajalign.reproduce import PRESETS, headline_table, reproduce
 
     if preset not in PRESETS:
         raise InputError(f"preset '{preset}': choose one of {', '.join(PRESETS)}")
-    summary = reproduce(preset, out, log=lambda message: stderr.print(message, markup=False))
-    stdout.print((out / "summary.md").read_text(encoding="utf-8"), markup=False)
-    stdout.print(f"total {summary['total_s']:.0f} s; details in {out}")
+    summary = reproduce(preset, out, display(quiet))
+    header, rows = headline_table(summary)
+    table = Table(*header, title="Refusal and recovery on held-out behaviors (Wilson 95% intervals)")
+    for cells in rows:
+        table.add_row(*cells)
+    stdout.print(table)
+    stdout.print(f"summary: {out / 'summary.md'}\nreport:  {out / 'report' / 'report.html'}\n"
+                 f"total {summary['total_s']:.0f} s", markup=False, highlight=False)
 
 
 @app.command("report")

@@ -175,7 +175,7 @@ class HFBackend:
                 break
             active, cache, mask, done = self._step(active, cache, mask, record)
             finished += done
-            if len(finished) >= self.batch_size:
+            if len(finished) >= min(self.batch_size, 16):  # a wide batch still reports (and persists) as it goes
                 yield [flight.result() for flight in finished]
                 finished = []
         if finished:

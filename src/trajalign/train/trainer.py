@@ -8,12 +8,13 @@ import os
 import shutil
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trajalign.data.datasets import BUNDLED, Behavior, load_behaviors
 from trajalign.data.trajectories import generate_answers, load_trajectories
 from trajalign.errors import InputError
 from trajalign.models.registry import DEFAULT_MODEL
+from trajalign.requirements import require
 from trajalign.runs import write_config
 from trajalign.train.losses import ConstrainedSettings, constrained_loss, label_log_probs, trained_positions
 from trajalign.train.recipes import IGNORE, RecipeConfig, TrainingRow, build_rows
@@ -47,7 +48,10 @@ class TrainConfig(BaseModel):
     constrained: ConstrainedSettings | None = None
     learning_rate: float = Field(default=5e-5, gt=0)
     epochs: float = Field(default=2.0, gt=0)
-    batch_size: int = Field(default=16, gt=0)
+    batch_size: int = Field(default=16, gt=0, description="rows per optimizer step")
+    micro_batch_size: int = Field(default=4, gt=0, description="rows per forward pass: a step's rows go through in "
+                                  "passes of this many, gradients summed: the same update with less memory and less "
+                                  "padding (rows of similar length share a pass)")
     generation_batch_size: int = Field(default=64, gt=0, description="rows per pass when self-distilling anchors "
                                        "and generating trajectories: decoding is cheaper per token in wide batches")
     gradient_accumulation: int = Field(default=1, gt=0)
@@ -59,6 +63,13 @@ class TrainConfig(BaseModel):
     trust_remote_code: bool = Field(default=False, description="run the model repository's own code")
     allow_pickle: bool = Field(default=False, description="accept pickle weights, which can run code")
     out: Path = Path("runs/train")
+
+    @model_validator(mode="after")
+    def _micro_batches_fill_a_batch(self) -> "TrainConfig":
+        if self.batch_size % min(self.micro_batch_size, self.batch_size):
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
+                             f"{self.micro_batch_size}")
+        return self
 
 
 def collate(rows: list[dict], pad_id: int) -> dict:
@@ -78,9 +89,7 @@ def collate(rows: list[dict], pad_id: int) -> dict:
 
 
 def _trainer_class():
-    from trl import SFTTrainer
-
-    class TrajectoryTrainer(SFTTrainer):
+    class TrajectoryTrainer(require("trl", "training").SFTTrainer):
         """SFTTrainer with an optional token-wise constrained objective against a frozen reference."""
 
         def __init__(self, *args, reference_model=None, constrained: ConstrainedSettings | None = None, **kwargs):
@@ -101,15 +110,17 @@ def _trainer_class():
                        "use_cache": False, "logits_to_keep": positions}
             outputs = model(**forward)
             log_probs, mask = label_log_probs(outputs.logits, targets)
+            # Divided by the trained tokens of the whole step, so that micro-batches add up to the step's mean.
+            count = num_items_in_batch if num_items_in_batch is not None else mask.sum()
+            count = torch.as_tensor(count, device=log_probs.device).clamp(min=1)
             if self.constrained is None:
-                count = num_items_in_batch if num_items_in_batch is not None else mask.sum()
-                loss = -log_probs.sum() / torch.as_tensor(count, device=log_probs.device).clamp(min=1)
-                if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                    loss = loss * self.accelerator.num_processes  # DDP averages gradients across ranks
+                loss = -log_probs.sum() / count
             else:
                 with torch.no_grad():
                     reference, _ = label_log_probs(self.reference_model(**forward).logits, targets)
-                loss = constrained_loss(log_probs, reference, mask, self.constrained)
+                loss = constrained_loss(log_probs, reference, mask, self.constrained, count)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # DDP averages gradients across ranks
             return (loss, outputs) if return_outputs else loss
 
     return TrajectoryTrainer
@@ -125,13 +136,14 @@ def load_benign(names: list[str], limit: int | None) -> list[Behavior]:
 
 
 def prepare_rows(config: TrainConfig, handle, harmful: list[Behavior], benign: list[Behavior],
-                 cache_dir: Path, trajectories: dict | None = None) -> list[TrainingRow]:
+                 cache_dir: Path, trajectories: dict | None = None, progress=None) -> list[TrainingRow]:
     trajectories = trajectories or load_trajectories(config.trajectories, harmful, handle, config.trajectory_tokens,
-                                                     config.generation_batch_size, cache_dir=cache_dir)
+                                                     config.generation_batch_size, cache_dir=cache_dir,
+                                                     progress=progress)
     if config.recipe.benign_ratio == 0:
         benign = []
     anchors = generate_answers(handle, benign, config.anchor_tokens, config.generation_batch_size,
-                               cache_dir=cache_dir)
+                               cache_dir=cache_dir, progress=progress)
     return build_rows(
         config.recipe, handle.chat,
         [(b.id, b.prompt, trajectories[b.id].token_ids) for b in harmful],
@@ -146,16 +158,41 @@ def _last_checkpoint(directory: Path) -> str | None:
     return str(checkpoints[-1]) if checkpoints else None
 
 
+def _step_log(out: Path, progress):
+    """A trainer callback: each logged step becomes a readable line in `training.log` (appended as it comes, so a
+    killed run keeps it) and advances `progress(step, steps, "steps", note)` with the current loss."""
+    from transformers import TrainerCallback
+
+    class StepLog(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            values = "  ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                               for key, value in logs.items() if key != "total_flos")
+            with open(out / "training.log", "a", encoding="utf-8") as file:
+                file.write(f"step {state.global_step}/{state.max_steps}  {values}\n")
+            if progress and "loss" in logs:
+                progress(state.global_step, state.max_steps, "steps", f"loss {logs['loss']:.3f}")
+
+    return StepLog()
+
+
 def run_training(config: TrainConfig, handle=None, harmful: list[Behavior] | None = None,
                  benign: list[Behavior] | None = None, trajectories: dict | None = None,
-                 cache_dir: Path | None = None) -> Path:
+                 cache_dir: Path | None = None, progress=None) -> Path:
     """Train and save an HF model directory at `config.out`; a killed run resumes from its last checkpoint.
 
-    `trajectories` and `cache_dir` let a caller share work already done (the reproduction does)."""
+    `trajectories` and `cache_dir` let a caller share work already done (the reproduction does). `progress(done,
+    total, unit, note)` follows the anchors' generation, then the steps with the current loss; the trainer's own
+    printing is off, its log goes to `training.log` and `training_log.json` in `config.out`."""
     import torch
-    from datasets import Dataset
-    from trl import SFTConfig
+    from transformers import PrinterCallback
 
+    Dataset = require("datasets", "training").Dataset
+    SFTConfig = require("trl", "training").SFTConfig
+    require("matplotlib", "the training loss curve")
+    if config.lora:
+        require("peft", "LoRA training")
     out = config.out
     if (out / DONE_MARKER).exists():
         return out
@@ -169,7 +206,7 @@ def run_training(config: TrainConfig, handle=None, harmful: list[Behavior] | Non
                             trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
     harmful = harmful if harmful is not None else load_behaviors(config.harmful, limit=config.harmful_limit)
     benign = benign if benign is not None else load_benign(config.benign, config.benign_limit)
-    rows = prepare_rows(config, handle, harmful, benign, cache_dir or out / "cache", trajectories)
+    rows = prepare_rows(config, handle, harmful, benign, cache_dir or out / "cache", trajectories, progress)
     window = getattr(handle.model.config, "max_position_embeddings", None)
     too_long = next((row for row in rows if window and len(row.input_ids) > window), None)
     if too_long is not None:
@@ -192,23 +229,27 @@ def run_training(config: TrainConfig, handle=None, harmful: list[Behavior] | Non
                                                  lora_dropout=config.lora.dropout,
                                                  target_modules=config.lora.target_modules, task_type="CAUSAL_LM"))
     on_gpu = torch.cuda.is_available() and config.device != "cpu"
+    micro_batch = min(config.micro_batch_size, config.batch_size)
     args = SFTConfig(
         output_dir=str(out / "checkpoints"), num_train_epochs=config.epochs,
-        per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation,
+        per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=config.gradient_accumulation * config.batch_size // micro_batch,
         learning_rate=config.learning_rate, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
         logging_steps=1, save_strategy="steps", save_steps=config.save_steps, save_total_limit=1,
         report_to=[], seed=config.seed, data_seed=config.seed, use_cpu=not on_gpu,
         bf16=on_gpu and config.dtype == "bfloat16",
         dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False, max_length=None,
-        dataloader_num_workers=0, disable_tqdm=not is_main, ddp_find_unused_parameters=False,
+        dataloader_num_workers=0, disable_tqdm=True, ddp_find_unused_parameters=False,
         train_sampling_strategy="group_by_length",  # similar lengths per batch: less compute spent on padding
-        gradient_checkpointing=False,  # TRL turns it on; for small models recomputation only costs time
+        activation_checkpointing=False,  # TRL turns it on; for small models recomputation only costs time
     )
     pad_id = handle.tokenizer.pad_token_id
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=dataset, processing_class=handle.tokenizer,
         data_collator=lambda batch: collate(batch, pad_id), reference_model=reference, constrained=config.constrained,
     )
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict on stdout
+    trainer.add_callback(_step_log(out, progress))
     trainer.train(resume_from_checkpoint=_last_checkpoint(out / "checkpoints"))
     if trainer.is_world_process_zero():
         _save(trainer.model, handle, config, out)
@@ -231,13 +272,9 @@ def _save(model, handle, config: TrainConfig, out: Path) -> None:
 def _write_log(history: list[dict], out: Path) -> None:
     (out / "training_log.json").write_text(json.dumps(history, indent=1))
     losses = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
-    try:
-        import matplotlib
+    require("matplotlib", "the training loss curve").use("Agg")
+    import matplotlib.pyplot as plt
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
     figure, axis = plt.subplots(figsize=(5, 3))
     axis.plot([step for step, _ in losses], [loss for _, loss in losses], color="#0072B2")
     axis.set_xlabel("step")
