@@ -22,6 +22,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(datasets_app, name="datasets")
 stdout = Console()
 stderr = Console(stderr=True)
+LOG_WIDTH = 160  # where output goes to a file, not a terminal: wide enough that a progress line or table row fits
 
 
 def parse_int_list(text: str | None, option: str) -> list[int] | None:
@@ -63,7 +64,7 @@ def display(quiet: bool):
 
     if quiet:
         return LineDisplay(lambda line: stderr.print(line, markup=False, highlight=False))
-    return LiveDisplay(stderr)
+    return LiveDisplay(stderr if stderr.is_terminal else Console(stderr=True, width=LOG_WIDTH))
 
 
 QUIET = typer.Option(False, "--quiet", help="only a line as each stage starts and ends (for logs and CI)")
@@ -266,7 +267,7 @@ def reproduce_command(
     table = Table(*header, title="Refusal and recovery on held-out behaviors (Wilson 95% intervals)")
     for cells in rows:
         table.add_row(*cells)
-    stdout.print(table)
+    stdout.print(table, width=None if stdout.is_terminal else LOG_WIDTH)
     stdout.print(f"summary: {out / 'summary.md'}\nreport:  {out / 'report' / 'report.html'}\n"
                  f"total {summary['total_s']:.0f} s", markup=False, highlight=False)
 

@@ -1,15 +1,19 @@
 """`trajalign reproduce`: the whole study in miniature on the embedded model, stage by stage, resumable.
 
-Stages: split AdvBench by behavior; harmful trajectories and benign anchors from the original (unaligned)
-model; a shallow model (refusal-sft) and a deep one (trajectory recipe); attacks and over-refusal checks on
-the held-out behaviors for all three; the probe and its predictivity; a summary table.
+Stages: split AdvBench by behavior; harmful trajectories from the original (unaligned) model, which is then
+attacked and checked for over-refusal on the held-out behaviors; then, one after the other, a shallow model
+(refusal-sft) and a deep one (trajectory recipe), each trained (on the original's benign anchors too), evaluated the
+same way and probed (refusal direction, predictivity); a summary table and the report. One model is resident at a
+time, and each is loaded once for its stages.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import random
+import sys
 import time
 from contextlib import contextmanager
 from itertools import zip_longest
@@ -81,6 +85,17 @@ CONTINUATION_TOKENS = 24  # what the judge reads
 # evaluations, the sampled decoding sweep above all, run in wide batches.
 GENERATION_BATCH_SIZE = 64
 MAX_ANCHOR_PROMPT_CHARS = 300
+
+
+def release_memory() -> None:
+    """Collect what is unreachable and give the freed heap back to the system: glibc keeps it otherwise (after a
+    training, about 1.7 GB of it), so each later stage would start that much higher."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
 
 
 def _shuffled_advbench(seed: int) -> list[Behavior]:
@@ -163,17 +178,16 @@ class Reproduction:
             trajectories = load_trajectories(f"model:{DEFAULT_MODEL}", train + test, self._handle("original"),
                                              self.preset.trajectory_tokens, GENERATION_BATCH_SIZE,
                                              cache_dir=self.out / "cache", progress=progress)
-        for role in RECIPE_OF_ROLE:
-            with self.stage(f"train {role}") as progress:
-                self.train(role, train, anchors, trajectories, progress)
-        results = {}
-        for role in ROLES:
+        results, probes = {}, {}
+        for role in ROLES:  # each model's stages in a row, so that it is loaded once for them
+            if role in RECIPE_OF_ROLE:
+                with self.stage(f"train {role}") as progress:
+                    self.train(role, train, anchors, trajectories, progress)
             with self.stage(f"evaluate {role}") as progress:
                 results[role] = self.evaluate(role, test, trajectories, over_refusal, progress)
-        probes = {}
-        for role in ("shallow", "trajectory"):
-            with self.stage(f"probe {role}") as progress:
-                probes[role] = self.probe(role, test, trajectories, progress)
+            if role in RECIPE_OF_ROLE:
+                with self.stage(f"probe {role}") as progress:
+                    probes[role] = self.probe(role, test, trajectories, progress)
         self._release()
         summary = {"preset": self.preset_name, "results": results, "probes": probes, "timings_s": self.timings,
                    "total_s": round(time.perf_counter() - started, 1)}
@@ -199,7 +213,7 @@ class Reproduction:
         self._release()  # the model trained is a fresh copy; nothing else need stay resident beside it
         run_training(config, handle=load_model(DEFAULT_MODEL), harmful=train, benign=anchors,
                      trajectories=trajectories, cache_dir=self.out / "cache", progress=progress)
-        gc.collect()  # the trainer's reference cycles hold the model, its gradients and the optimizer state
+        release_memory()  # the trainer's reference cycles hold the model, its gradients and the optimizer state
 
     def _eval(self, role: str, name: str, attack, behaviors: list[Behavior],
               trajectories: dict[str, Trajectory] | None, dataset: str, progress=None) -> list[dict]:
@@ -220,7 +234,7 @@ class Reproduction:
 
     def _release(self) -> None:
         self._loaded = self._loaded_role = None
-        gc.collect()
+        release_memory()
 
     def evaluate(self, role: str, test, trajectories, over_refusal, progress=None) -> dict:
         preset = self.preset
@@ -250,7 +264,7 @@ class Reproduction:
         direction = RefusalDirection.load(out / "direction")
         harmless = [b.prompt for b in load_behaviors("jbb-benign")[1::2][:self.preset.steering_prompts]]
         results["steering"] = steering_effect(handle, direction, [b.prompt for b in test], harmless,
-                                              progress=progress)
+                                              batch_size=GENERATION_BATCH_SIZE, progress=progress)
         (out / "probe.json").write_text(json.dumps(results, indent=2))
         return results
 

@@ -60,8 +60,11 @@ def refusal_scores(handle, prompts: list[str], opening_ids: list[int], batch_siz
     scores, distributions = [], []
     for batch in _batches([handle.chat.prompt_ids(prompt) for prompt in prompts], batch_size):
         input_ids, attention_mask = _pad_right(batch, handle.tokenizer.pad_token_id, handle.device)
-        logits = handle.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        last = logits[torch.arange(len(batch)), torch.tensor([len(ids) - 1 for ids in batch])].double()
+        # The LM head runs only at the positions some row ends at, not over every prompt token.
+        kept, column = torch.tensor([len(ids) - 1 for ids in batch]).unique(return_inverse=True)
+        logits = handle.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                              logits_to_keep=kept.to(handle.device)).logits
+        last = logits[torch.arange(len(batch)), column.to(handle.device)].double()
         log_probs = last.log_softmax(-1)
         mass = log_probs[:, opening_ids].logsumexp(-1)
         scores.append(mass - torch.log1p(-mass.exp().clamp(max=1 - 1e-12)))

@@ -49,7 +49,7 @@ class TrainConfig(BaseModel):
     learning_rate: float = Field(default=5e-5, gt=0)
     epochs: float = Field(default=2.0, gt=0)
     batch_size: int = Field(default=16, gt=0, description="rows per optimizer step")
-    micro_batch_size: int = Field(default=4, gt=0, description="rows per forward pass: a step's rows go through in "
+    micro_batch_size: int = Field(default=2, gt=0, description="rows per forward pass: a step's rows go through in "
                                   "passes of this many, gradients summed: the same update with less memory and less "
                                   "padding (rows of similar length share a pass)")
     generation_batch_size: int = Field(default=64, gt=0, description="rows per pass when self-distilling anchors "
