@@ -297,6 +297,7 @@ def print_summary(rows: list[dict]) -> None:
 def main() -> None:
     """Entry point: people get one-line errors and exit code 2 for bad input, never a traceback."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # libraries' own bars (GGUF conversion...) would cut into our display
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         app(standalone_mode=False)
