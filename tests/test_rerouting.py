@@ -19,7 +19,8 @@ TRAJECTORY = list(range(300, 320))
 
 def fake_trainer(step: int, total_steps: int):
     return SimpleNamespace(accelerator=SimpleNamespace(unwrap_model=lambda model: model),
-                           state=SimpleNamespace(global_step=step, max_steps=total_steps))
+                           state=SimpleNamespace(global_step=step, max_steps=total_steps),
+                           current_gradient_accumulation_steps=1)
 
 
 def test_cosine_term_equals_a_hand_computation():

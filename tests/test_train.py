@@ -124,7 +124,8 @@ def test_rto_needs_no_extra_forward_pass(tmp_path):
     config = tiny_config(tmp_path, recipe=RecipeConfig(name="rto", benign_ratio=0.0), epochs=1)
     run_training(config, handle=handle)
     steps = json.loads((config.out / "trajalign-trained.json").read_text())["steps"]
-    assert steps == 4 and len(calls) == steps  # 32 rows / batch 8: one forward per step, RTO labels included
+    passes = steps * config.batch_size // config.micro_batch_size  # 32 rows / batch 8, in passes of 4 rows
+    assert steps == 4 and len(calls) == passes  # one forward per pass, RTO labels included
 
 
 def test_tiny_model_learns_to_refuse_held_out_prompts(tmp_path):

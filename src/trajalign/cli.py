@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -25,6 +24,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(datasets_app, name="datasets")
 stdout = Console()
 stderr = Console(stderr=True)
+LOG_WIDTH = 160  # where output goes to a file, not a terminal: wide enough that a progress line or table row fits
 
 # Options that every command loading a model takes
 ConfigFile = Annotated[Optional[Path], typer.Option(help="YAML config; command-line options override its keys")]
@@ -97,18 +97,16 @@ def validate_config(model: type[BaseModel], data: dict, source: str) -> BaseMode
         raise InputError(f"{source} field '{field}': {first['msg']}") from None
 
 
-@contextmanager
-def progress_bar(description: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def display(quiet: bool):
+    """Progress on stderr: a live display per stage, or with --quiet only a line as each stage starts and ends."""
+    from trajalign.console import LineDisplay, LiveDisplay
 
-    with Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=stderr, transient=False) as progress:
-        task = progress.add_task(description, total=None)
+    if quiet:
+        return LineDisplay(lambda line: stderr.print(line, markup=False, highlight=False))
+    return LiveDisplay(stderr if stderr.is_terminal else Console(stderr=True, width=LOG_WIDTH))
 
-        def update(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
 
-        yield update
+QUIET = typer.Option(False, "--quiet", help="only a line as each stage starts and ends (for logs and CI)")
 
 
 def security_options(trust_remote_code: bool, allow_pickle: bool) -> dict:
@@ -182,6 +180,7 @@ def eval_command(
     batch_size: Optional[int] = typer.Option(None, help="generation batch size"),
     trust_remote_code: TrustRemoteCode = False, allow_pickle: AllowPickle = False,
     out: Optional[Path] = typer.Option(None, help="run directory (re-running resumes it)"),
+    quiet: bool = QUIET,
 ) -> None:
     """Attack a model with token-exact injections and judge whether it recovers."""
     from trajalign.evaluate import EvalConfig, Evaluation
@@ -195,8 +194,8 @@ def eval_command(
         "attack": attack_options, "defense": {"kind": "reinject-header"} if defense else None,
         "backend_options": {"base_url": base_url, "served_model": served_model},
         **security_options(trust_remote_code, allow_pickle)}, defaults={"attack": {"kind": "prefill"}})
-    with progress_bar("eval") as update:
-        summary = Evaluation(eval_config).run(update)
+    with display(quiet).stage("eval") as progress:
+        summary = Evaluation(eval_config).run(lambda done, total: progress(done, total, "episodes"))
     print_summary(summary["rows"])
     stdout.print(f"episodes: {eval_config.out / 'episodes.jsonl'}  summary: {eval_config.out / 'summary.json'}")
 
@@ -225,6 +224,7 @@ def train_command(
     batch_size: Optional[int] = typer.Option(None),
     trust_remote_code: TrustRemoteCode = False, allow_pickle: AllowPickle = False,
     out: Optional[Path] = typer.Option(None, help="output model directory (re-running resumes it)"),
+    quiet: bool = QUIET,
 ) -> None:
     """Fine-tune a model on perturbed trajectories so that it recovers at any depth."""
     from trajalign.train.trainer import TrainConfig, run_training
@@ -237,7 +237,9 @@ def train_command(
         "lora": {} if lora else None, "constrained": {} if constrained else None, "kl_weight": kl_weight,
         "preference": {} if preference else None, "rounds": rounds, "out": out,
         **security_options(trust_remote_code, allow_pickle)})
-    stdout.print(f"model saved to {run_training(train_config)}")
+    with display(quiet).stage("train") as progress:
+        saved = run_training(train_config, progress=progress)
+    stdout.print(f"model saved to {saved}; training log in {saved / 'training.log'}")
 
 
 @app.command("probe")
@@ -286,6 +288,7 @@ def utility_command(
     max_batch_tokens: Optional[int] = typer.Option(None, help="padded tokens per forward pass"),
     trust_remote_code: TrustRemoteCode = False, allow_pickle: AllowPickle = False,
     out: Optional[Path] = typer.Option(None, help="JSON result file"),
+    quiet: bool = QUIET,
 ) -> None:
     """Utility: mean per-token NLL of human reference answers, and its change against a reference model."""
     from trajalign.utility import UtilityConfig, run_utility
@@ -293,8 +296,8 @@ def utility_command(
     utility_config = command_config(UtilityConfig, config, {
         "model": model, "reference_model": reference_model, "dataset": dataset, "limit": limit,
         "max_batch_tokens": max_batch_tokens, "out": out, **security_options(trust_remote_code, allow_pickle)})
-    with progress_bar("utility") as update:
-        result = run_utility(utility_config, progress=update)
+    with display(quiet).stage("utility") as progress:
+        result = run_utility(utility_config, progress=lambda done, total: progress(done, total, "answers"))
     table = Table("model", "n", "reference tokens", "mean NLL (nats/token)")
     table.add_row(result["model"], str(result["n"]), str(result["tokens"]), f"{result['mean_nll']:.4f}")
     if "reference_model" in result:
@@ -352,17 +355,24 @@ def judge_agreement_command(
 
 @app.command("reproduce")
 def reproduce_command(
-    preset: str = typer.Option("quick", help="quick (about 7 minutes) | full (about 24 minutes on 2 cores)"),
+    preset: str = typer.Option("quick", help="quick (about 6 minutes on 2 cores) | full (about 24 minutes) | "
+                                             "smoke (every stage on a handful of behaviors, about 2 minutes)"),
     out: Path = typer.Option(Path("runs/reproduce"), help="run directory (re-running resumes it)"),
+    quiet: bool = QUIET,
 ) -> None:
     """The whole study in miniature: unaligned, shallow and trajectory-trained models, attacked and probed."""
-    from trajalign.reproduce import PRESETS, reproduce
+    from trajalign.reproduce import PRESETS, headline_table, reproduce
 
     if preset not in PRESETS:
         raise InputError(f"preset '{preset}': choose one of {', '.join(PRESETS)}")
-    summary = reproduce(preset, out, log=lambda message: stderr.print(message, markup=False))
-    stdout.print((out / "summary.md").read_text(encoding="utf-8"), markup=False)
-    stdout.print(f"total {summary['total_s']:.0f} s; details in {out}")
+    summary = reproduce(preset, out, display(quiet))
+    header, rows = headline_table(summary)
+    table = Table(*header, title="Refusal and recovery on held-out behaviors (Wilson 95% intervals)")
+    for cells in rows:
+        table.add_row(*cells)
+    stdout.print(table, width=None if stdout.is_terminal else LOG_WIDTH)
+    stdout.print(f"summary: {out / 'summary.md'}\nreport:  {out / 'report' / 'report.html'}\n"
+                 f"total {summary['total_s']:.0f} s", markup=False, highlight=False)
 
 
 @app.command("report")
@@ -390,6 +400,7 @@ def print_summary(rows: list[dict]) -> None:
 def main() -> None:
     """Entry point: people get one-line errors and exit code 2 for bad input, never a traceback."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # libraries' own bars (GGUF conversion...) would cut into our display
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         app(standalone_mode=False)

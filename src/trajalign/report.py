@@ -16,6 +16,7 @@ from pathlib import Path
 from trajalign.data.datasets import is_benign
 from trajalign.errors import InputError, TrajalignError
 from trajalign.records import Episode
+from trajalign.requirements import require
 from trajalign.runs import EPISODES_FILE, EpisodeLog
 from trajalign.stats import mcnemar_exact, wilson_interval
 
@@ -49,11 +50,7 @@ def _figure_png(figure) -> bytes:
 
 
 def pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise InputError("the report needs matplotlib: pip install 'trajalign[plot]'") from None
-    matplotlib.use("Agg")
+    require("matplotlib", "the report").use("Agg")
     import matplotlib.pyplot as plt
 
     return plt

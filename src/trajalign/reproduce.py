@@ -1,22 +1,29 @@
 """`trajalign reproduce`: the whole study in miniature on the embedded model, stage by stage, resumable.
 
-Stages: split AdvBench by behavior; harmful trajectories and benign anchors from the original (unaligned)
-model; a shallow model (refusal-sft) and a deep one (trajectory recipe); attacks and over-refusal checks on
-the held-out behaviors for all three; the probe and its predictivity; a summary table.
+Stages: split AdvBench by behavior; harmful trajectories from the original (unaligned) model, which is then
+attacked and checked for over-refusal on the held-out behaviors; then, one after the other, a shallow model
+(refusal-sft) and a deep one (trajectory recipe), each trained (on the original's benign anchors too), evaluated the
+same way and probed (refusal direction, predictivity); a summary table and the report. One model is resident at a
+time, and each is loaded once for its stages.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import random
 import re
+import sys
 import time
+from contextlib import contextmanager
 from itertools import zip_longest
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
 from trajalign.attacks import Decoding, Insert, Prefill
+from trajalign.console import Display, LineDisplay
 from trajalign.data.datasets import Behavior, load_behaviors, write_behaviors
 from trajalign.data.trajectories import Trajectory, load_trajectories
 from trajalign.errors import InputError
@@ -24,6 +31,7 @@ from trajalign.evaluate import EvalConfig, Evaluation
 from trajalign.models.loading import load_model
 from trajalign.models.registry import DEFAULT_MODEL
 from trajalign.probe.run import ProbeConfig, run_probe
+from trajalign.requirements import require
 from trajalign.train.iteration import RoundAttacks, final_model_dir, run_rounds
 from trajalign.train.preference import PreferenceSettings
 from trajalign.train.recipes import RecipeConfig
@@ -64,9 +72,16 @@ class Preset(BaseModel):
     decoding: bool = False
     direction_prompts: int = 16
     layer_step: int = 6
+    steering_prompts: int = Field(default=16, description="harmless prompts the direction is added to")
 
 
 PRESETS = {
+    # Every stage on a handful of behaviors, for a first look and for CI; its numbers mean nothing.
+    "smoke": Preset(train_behaviors=8, test_behaviors=4, trajectory_tokens=16, anchors=8, anchor_tokens=16,
+                    training={"shallow": RoleTraining(epochs=1, benign_ratio=1.0),
+                              "trajectory": RoleTraining(epochs=1, benign_ratio=1.0)},
+                    depths=[0, 5, 10], insert_after=4, insert_length=5, over_refusal_prompts=4,
+                    direction_prompts=4, layer_step=10, steering_prompts=4),
     "quick": Preset(train_behaviors=48, test_behaviors=20, trajectory_tokens=40, anchors=48, anchor_tokens=24,
                     training={"shallow": RoleTraining(epochs=2, benign_ratio=1.0),
                               "trajectory": RoleTraining(epochs=2, benign_ratio=1.0)}),
@@ -97,6 +112,17 @@ def without_advbench(behaviors: list[Behavior]) -> list[Behavior]:
     behaviors are AdvBench's, and none of them may be trained on."""
     advbench = {_normalized(behavior.prompt) for behavior in load_behaviors("advbench")}
     return [behavior for behavior in behaviors if _normalized(behavior.prompt) not in advbench]
+
+
+def release_memory() -> None:
+    """Collect what is unreachable and give the freed heap back to the system: glibc keeps it otherwise (after a
+    training, about 1.7 GB of it), so each later stage would start that much higher."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
 
 
 def _shuffled_advbench(seed: int) -> list[Behavior]:
@@ -146,27 +172,21 @@ def validation_sets(preset: Preset, size: int = 40, seed: int = 0) -> tuple[list
 
 
 class Reproduction:
-    def __init__(self, preset_name: str, out: Path, log=print, preset: Preset | None = None):
+    def __init__(self, preset_name: str, out: Path, display: Display | None = None, preset: Preset | None = None):
         self.preset = preset or PRESETS[preset_name]
         self.preset_name = preset_name
         self.out = Path(out)
-        self.log = log
+        self.display = display or LineDisplay()
         self.timings: dict[str, float] = {}
+        self._loaded = self._loaded_role = None
 
+    @contextmanager
     def stage(self, name: str):
-        reproduction = self
-
-        class _Stage:
-            def __enter__(self):
-                reproduction.log(f"[{name}] ...")
-                self.started = time.perf_counter()
-
-            def __exit__(self, *exc):
-                reproduction.timings[name] = round(time.perf_counter() - self.started, 1)
-                if exc[0] is None:
-                    reproduction.log(f"[{name}] done in {reproduction.timings[name]:.0f} s")
-
-        return _Stage()
+        """Times a stage and shows it; yields its progress callback."""
+        started = time.perf_counter()
+        with self.display.stage(name) as progress:
+            yield progress
+        self.timings[name] = round(time.perf_counter() - started, 1)
 
     def model_spec(self, role: str) -> str:
         if role == "original":
@@ -175,27 +195,29 @@ class Reproduction:
 
     def run(self) -> dict:
         started = time.perf_counter()
+        for module, purpose in (("accelerate", "loading the embedded model"), ("trl", "training"),
+                                ("datasets", "training"), ("matplotlib", "the report")):
+            require(module, purpose)  # before minutes of work, not after
         train, test = split_behaviors(self.preset)
         anchors, over_refusal = benign_sets(self.preset)
         (self.out).mkdir(parents=True, exist_ok=True)
         (self.out / "split.json").write_text(json.dumps({"train": [b.id for b in train],
                                                          "test": [b.id for b in test]}))
-        with self.stage("trajectories"):
-            original = load_model(DEFAULT_MODEL)
-            trajectories = load_trajectories(f"model:{DEFAULT_MODEL}", train + test, original,
+        with self.stage("trajectories") as progress:
+            trajectories = load_trajectories(f"model:{DEFAULT_MODEL}", train + test, self._handle("original"),
                                              self.preset.trajectory_tokens, GENERATION_BATCH_SIZE,
-                                             cache_dir=self.out / "cache")
-        for role in RECIPE_OF_ROLE:
-            with self.stage(f"train {role}"):
-                self.train(role, train, anchors, trajectories)
-        results = {}
-        for role in ROLES:
-            with self.stage(f"evaluate {role}"):
-                results[role] = self.evaluate(role, test, trajectories, over_refusal)
-        probes = {}
-        for role in ("shallow", "trajectory"):
-            with self.stage(f"probe {role}"):
-                probes[role] = self.probe(role, test, trajectories)
+                                             cache_dir=self.out / "cache", progress=progress)
+        results, probes = {}, {}
+        for role in ROLES:  # each model's stages in a row, so that it is loaded once for them
+            if role in RECIPE_OF_ROLE:
+                with self.stage(f"train {role}") as progress:
+                    self.train(role, train, anchors, trajectories, progress)
+            with self.stage(f"evaluate {role}") as progress:
+                results[role] = self.evaluate(role, test, trajectories, over_refusal, progress)
+            if role in RECIPE_OF_ROLE:
+                with self.stage(f"probe {role}") as progress:
+                    probes[role] = self.probe(role, test, trajectories, progress)
+        self._release()
         summary = {"preset": self.preset_name, "results": results, "probes": probes, "timings_s": self.timings,
                    "total_s": round(time.perf_counter() - started, 1)}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -205,14 +227,11 @@ class Reproduction:
         return summary
 
     def report(self) -> None:
-        try:
-            from trajalign.report import build_report
+        from trajalign.report import build_report
 
-            build_report([self.out], self.out / "report" / "report.html")
-        except InputError as error:  # matplotlib missing: the summary above still stands
-            self.log(f"report skipped: {error}")
+        build_report([self.out], self.out / "report" / "report.html")
 
-    def train(self, role: str, train: list[Behavior], anchors: list[Behavior], trajectories) -> None:
+    def train(self, role: str, train: list[Behavior], anchors: list[Behavior], trajectories, progress=None) -> None:
         training = self.preset.training[role]
         recipe_config = RecipeConfig(name=RECIPE_OF_ROLE[role], benign_ratio=training.benign_ratio,
                                      benign_mix=training.benign_mix)
@@ -225,6 +244,7 @@ class Reproduction:
                              out=self.out / "models" / role)
         harmful = train + without_advbench(load_sources(training.harmful_sources))
         benign = anchors + self._held_out_checked(load_sources(training.anchor_sources))
+        self._release()  # the model trained is a fresh copy; nothing else need stay resident beside it
         inputs = dict(handle=load_model(DEFAULT_MODEL), harmful=harmful, benign=benign, trajectories=trajectories,
                       cache_dir=self.out / "cache")
         if training.rounds > 1:
@@ -234,7 +254,8 @@ class Reproduction:
                                                     continuation_tokens=CONTINUATION_TOKENS,
                                                     batch_size=GENERATION_BATCH_SIZE), **inputs)
         else:
-            run_training(config, **inputs)
+            run_training(config, progress=progress, **inputs)
+        release_memory()  # the trainer's reference cycles hold the model, its gradients and the optimizer state
 
     def _held_out_checked(self, anchors: list[Behavior]) -> list[Behavior]:
         """Extra anchors may not be over-refusal test or validation prompts."""
@@ -248,7 +269,7 @@ class Reproduction:
         return anchors
 
     def _eval(self, role: str, name: str, attack, behaviors: list[Behavior],
-              trajectories: dict[str, Trajectory] | None) -> list[dict]:
+              trajectories: dict[str, Trajectory] | None, progress=None) -> list[dict]:
         """One evaluation; its behaviors are written into its run directory, so that its config.yaml re-runs it."""
         out = self.out / "evals" / role / name
         behaviors_file = write_behaviors(out / "behaviors.jsonl", behaviors)
@@ -256,26 +277,34 @@ class Reproduction:
                             trajectories=f"model:{DEFAULT_MODEL}", trajectory_tokens=self.preset.trajectory_tokens,
                             attack=attack, max_new_tokens=CONTINUATION_TOKENS, batch_size=GENERATION_BATCH_SIZE,
                             out=out)
-        return Evaluation(config, handle=self._handle(role), trajectories=trajectories).run()["rows"]
+        evaluation = Evaluation(config, handle=self._handle(role), trajectories=trajectories)
+        return evaluation.run(progress and (lambda done, total: progress(done, total, f"{name} episodes")))["rows"]
 
     def _handle(self, role: str):
-        if getattr(self, "_loaded_role", None) != role:
+        """The model of `role`, loaded once while consecutive stages use it; one model is resident at a time."""
+        if self._loaded_role != role:
+            self._release()
             self._loaded = load_model(self.model_spec(role))
             self._loaded_role = role
         return self._loaded
 
-    def evaluate(self, role: str, test, trajectories, over_refusal) -> dict:
+    def _release(self) -> None:
+        self._loaded = self._loaded_role = None
+        release_memory()
+
+    def evaluate(self, role: str, test, trajectories, over_refusal, progress=None) -> dict:
         preset = self.preset
-        rows = {"prefill": self._eval(role, "prefill", Prefill(depths=preset.depths), test, trajectories),
+        rows = {"prefill": self._eval(role, "prefill", Prefill(depths=preset.depths), test, trajectories, progress),
                 "insert": self._eval(role, "insert", Insert(after=[preset.insert_after],
-                                                            span_lengths=[preset.insert_length]), test, trajectories)}
+                                                            span_lengths=[preset.insert_length]), test, trajectories,
+                                     progress)}
         for name, behaviors in over_refusal.items():
-            rows[name] = self._eval(role, name, Prefill(depths=[0]), behaviors, None)
+            rows[name] = self._eval(role, name, Prefill(depths=[0]), behaviors, None, progress)
         if preset.decoding:
-            rows["decoding"] = self._eval(role, "decoding", Decoding(samples=1), test, None)
+            rows["decoding"] = self._eval(role, "decoding", Decoding(samples=1), test, None, progress)
         return rows
 
-    def probe(self, role: str, test, trajectories) -> dict:
+    def probe(self, role: str, test, trajectories, progress=None) -> dict:
         from trajalign.probe.direction import RefusalDirection, steering_effect
 
         out = self.out / "probes" / role
@@ -286,10 +315,11 @@ class Reproduction:
                              layer_step=self.preset.layer_step, trajectory_tokens=self.preset.trajectory_tokens,
                              eval_runs=[self.out / "evals" / role / "prefill"], out=out)
         results = run_probe(config, handle=handle, behaviors=test, trajectories=trajectories,
-                            exclude_ids={b.id for b in test})
+                            exclude_ids={b.id for b in test}, progress=progress)
         direction = RefusalDirection.load(out / "direction")
-        harmless = [b.prompt for b in load_behaviors("jbb-benign")[1::2][:16]]
-        results["steering"] = steering_effect(handle, direction, [b.prompt for b in test], harmless)
+        harmless = [b.prompt for b in load_behaviors("jbb-benign")[1::2][:self.preset.steering_prompts]]
+        results["steering"] = steering_effect(handle, direction, [b.prompt for b in test], harmless,
+                                              batch_size=GENERATION_BATCH_SIZE, progress=progress)
         (out / "probe.json").write_text(json.dumps(results, indent=2))
         return results
 
@@ -325,18 +355,25 @@ def _everyday_by_source(results: dict) -> list[str]:
     return [*lines, ""]
 
 
-def summary_markdown(summary: dict) -> str:
+def headline_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """The study's main table: per model, refusal, recovery at each depth and after an insertion, over-refusal."""
     results = summary["results"]
     first = next(iter(results.values()))
     depths = {row["position"]: row["depth"] for row in first["prefill"]}
     header = ["model", *[f"recover @{depth}" if depth else "refuse @0" for depth in depths.values()],
               "insertion", "XSTest safe refused", "everyday benign refused"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for role, rows in results.items():
-        cells = [role, *[_rate(rows["prefill"], position) for position in depths],
-                 _rate(rows["insert"], rows["insert"][0]["position"]),
-                 _rate(rows["xstest-safe"], "depth=0"), _rate(rows["everyday-benign"], "depth=0")]
-        lines.append("| " + " | ".join(cells) + " |")
+    rows = [[role, *[_rate(rows["prefill"], position) for position in depths],
+             _rate(rows["insert"], rows["insert"][0]["position"]),
+             _rate(rows["xstest-safe"], "depth=0"), _rate(rows["everyday-benign"], "depth=0")]
+            for role, rows in results.items()]
+    return header, rows
+
+
+def summary_markdown(summary: dict) -> str:
+    results = summary["results"]
+    header, rows = headline_table(summary)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+             *["| " + " | ".join(cells) + " |" for cells in rows]]
     text = [f"# trajalign reproduce --preset {summary['preset']}", "",
             "Rates on held-out AdvBench behaviors (keyword judge, refusal beginning within 24 continuation tokens), "
             "Wilson 95% intervals.", "", *lines, "", *_everyday_by_source(results)]
@@ -358,5 +395,6 @@ def summary_markdown(summary: dict) -> str:
     return "\n".join(text) + "\n"
 
 
-def reproduce(preset: str = "quick", out: Path = Path("runs/reproduce"), log=print) -> dict:
-    return Reproduction(preset, out, log).run()
+def reproduce(preset: str = "quick", out: Path = Path("runs/reproduce"), display: Display | None = None) -> dict:
+    """Run the study of `preset` into `out` (resuming it); `display` shows its stages (default: a line each)."""
+    return Reproduction(preset, out, display).run()

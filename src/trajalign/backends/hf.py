@@ -279,7 +279,7 @@ class HFBackend:
                 self.drafter.calibrate(batch.relative_step_cost)
                 calibrated = True
             finished += batch.step(self.drafter, record)
-            if len(finished) >= self.batch_size:
+            if len(finished) >= min(self.batch_size, 16):  # a wide batch still reports (and persists) as it goes
                 yield [row.result() for row in finished]
                 finished = []
         if finished:

@@ -49,7 +49,7 @@ def _from_text(behaviors: list[Behavior], field: str, target, source: str) -> di
 def generate_answers(handle, behaviors: list[Behavior], max_new_tokens: int, batch_size: int = 16,
                      cache_dir: Path | None = None, progress=None, backend=None) -> dict[str, list[int]]:
     """Greedy answers of `handle`'s model, from `backend` (the local hf backend unless given), cached by content
-    hash of model, backend, prompts and length."""
+    hash of model, backend, prompts and length. `progress(done, total, "answers")` follows the generation."""
     from trajalign.backends.base import GenerationRequest
 
     if backend is None:
@@ -70,7 +70,7 @@ def generate_answers(handle, behaviors: list[Behavior], max_new_tokens: int, bat
         for result in batch:
             answers[result.key] = result.continuation_ids
         if progress:
-            progress(len(batch))
+            progress(len(answers), len(requests), "answers")
     if cache_file:  # written whole and renamed, so concurrent ranks or a kill never leave half a file
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         partial = cache_file.with_suffix(f".{os.getpid()}.tmp")

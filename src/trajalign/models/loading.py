@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from trajalign.errors import InputError, TrajalignError
 from trajalign.models.chat import ChatFormat
 from trajalign.models.registry import DEFAULT_MODEL, EMBEDDED_MODELS, EmbeddedModel
+from trajalign.requirements import require
 
 _COMPLETE_MARKER = "trajalign-complete.json"
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -138,6 +139,12 @@ def _verify_gguf(entry: EmbeddedModel, gguf: Path) -> None:
         )
 
 
+def _require_gguf_support() -> None:
+    """transformers reads GGUF files with the gguf package and places their weights with accelerate."""
+    require("gguf", "loading a GGUF file")
+    require("accelerate", "loading a GGUF file")
+
+
 def convert_gguf_to_safetensors(gguf: Path, out_dir: Path) -> None:
     """Dequantize a GGUF with transformers and write an HF directory with safetensors weights.
 
@@ -148,6 +155,7 @@ def convert_gguf_to_safetensors(gguf: Path, out_dir: Path) -> None:
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _require_gguf_support()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -252,6 +260,7 @@ def resolve_source(spec: str) -> ModelSource:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise InputError(f"{path}: GGUF file not found")
+        _require_gguf_support()
         return ModelSource(spec=spec, location=str(path.parent), gguf_file=path.name)
     if path.is_dir():
         return _directory_source(spec, path)
@@ -308,9 +317,7 @@ def _load_weights(source: ModelSource, dtype, trust_remote_code: bool, allow_pic
     model = source.from_pretrained(AutoModelForCausalLM, "weights", dtype=dtype, **kwargs)
     if source.adapter is None:
         return model
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(model, source.adapter)
+    return require("peft", "loading a LoRA adapter").PeftModel.from_pretrained(model, source.adapter)
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False, system_prompt: str | None = None) -> TokenizerHandle:

@@ -47,8 +47,11 @@ def refusal_scores(handle, prompts: list[str], opening_ids: list[int],
     scores, distributions = [], []
     for batch in batches([handle.chat.prompt_ids(prompt) for prompt in prompts], batch_size):
         input_ids, attention_mask = pad_right(batch, handle.tokenizer.pad_token_id, handle.device)
-        logits = handle.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        last = logits[torch.arange(len(batch)), torch.tensor([len(ids) - 1 for ids in batch])].double()
+        # The LM head runs only at the positions some row ends at, not over every prompt token.
+        kept, column = torch.tensor([len(ids) - 1 for ids in batch]).unique(return_inverse=True)
+        logits = handle.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                              logits_to_keep=kept.to(handle.device)).logits
+        last = logits[torch.arange(len(batch)), column.to(handle.device)].double()
         log_probs = last.log_softmax(-1)
         mass = log_probs[:, opening_ids].logsumexp(-1)
         scores.append(mass - torch.log1p(-mass.exp().clamp(max=1 - 1e-12)))
@@ -91,10 +94,11 @@ class RefusalDirection:
 
 def select_direction(handle, harmful: list[str], harmless: list[str], batch_size: int = 16,
                      positions: list[int] | None = None, layer_step: int = 1, kl_ceiling: float = 0.1,
-                     prune_layer_fraction: float = 0.2) -> RefusalDirection:
+                     prune_layer_fraction: float = 0.2, progress=None) -> RefusalDirection:
     """Diff-in-means for every (layer, post-instruction position); choose the candidate whose ablation lowers the
     refusal score on harmful prompts most, among those whose addition raises it on harmless prompts, whose
-    ablation moves harmless next-token distributions by KL < kl_ceiling, outside the last 20% of layers."""
+    ablation moves harmless next-token distributions by KL < kl_ceiling, outside the last 20% of layers.
+    `progress(done, total, "direction candidates")` follows the candidates."""
     mean_diff = mean_activations(handle, harmful, batch_size) - mean_activations(handle, harmless, batch_size)
     openings = refusal_opening_ids(handle.chat)
     layers, width = mean_diff.shape[0], mean_diff.shape[1]
@@ -102,19 +106,22 @@ def select_direction(handle, harmful: list[str], harmless: list[str], batch_size
     harmful_base, _ = refusal_scores(handle, harmful, openings, batch_size)
     harmless_base, harmless_dist = refusal_scores(handle, harmless, openings, batch_size)
     candidates = []
-    for layer in range(0, int(layers * (1 - prune_layer_fraction)), layer_step):
-        for position in positions:
-            vector = mean_diff[layer, position].float()
-            if vector.norm() <= 1e-6 * mean_diff.norm(dim=-1).max():
-                continue  # the same token at the same place in both classes (e.g. embeddings): no direction
-            with ablate_direction(handle.model, vector):
-                ablated, _ = refusal_scores(handle, harmful, openings, batch_size)
-                _, ablated_harmless = refusal_scores(handle, harmless, openings, batch_size)
-            with add_vector(handle.model, vector, layer):
-                steered, _ = refusal_scores(handle, harmless, openings, batch_size)
-            kl = (harmless_dist.exp() * (harmless_dist - ablated_harmless)).sum(-1).mean().item()
-            candidates.append({"layer": layer, "position": position, "ablation_score": ablated.mean().item(),
-                               "steering_score": steered.mean().item(), "kl": kl})
+    grid = [(layer, position) for layer in range(0, int(layers * (1 - prune_layer_fraction)), layer_step)
+            for position in positions]
+    for tried, (layer, position) in enumerate(grid):
+        if progress:
+            progress(tried, len(grid), "direction candidates")
+        vector = mean_diff[layer, position].float()
+        if vector.norm() <= 1e-6 * mean_diff.norm(dim=-1).max():
+            continue  # the same token at the same place in both classes (e.g. embeddings): no direction
+        with ablate_direction(handle.model, vector):
+            ablated, _ = refusal_scores(handle, harmful, openings, batch_size)
+            _, ablated_harmless = refusal_scores(handle, harmless, openings, batch_size)
+        with add_vector(handle.model, vector, layer):
+            steered, _ = refusal_scores(handle, harmless, openings, batch_size)
+        kl = (harmless_dist.exp() * (harmless_dist - ablated_harmless)).sum(-1).mean().item()
+        candidates.append({"layer": layer, "position": position, "ablation_score": ablated.mean().item(),
+                           "steering_score": steered.mean().item(), "kl": kl})
     if not candidates:
         raise TrajalignError(f"no candidate refusal direction in the first {int(layers * (1 - prune_layer_fraction))} "
                              f"layers: the classes' mean activations do not differ there")
@@ -130,20 +137,23 @@ def select_direction(handle, harmful: list[str], harmless: list[str], batch_size
 
 
 def steering_effect(handle, direction: RefusalDirection, harmful: list[str], harmless: list[str],
-                    new_tokens: int = 24, batch_size: int = 16) -> dict[str, float]:
-    """Refusal rates (keyword judge, greedy answers) with and without ablating / adding the direction."""
+                    new_tokens: int = 24, batch_size: int = 16, progress=None) -> dict[str, float]:
+    """Refusal rates (keyword judge, greedy answers) with and without ablating / adding the direction;
+    `progress(done, total, unit)` follows each of the four generations."""
     from trajalign.data.datasets import Behavior
     from trajalign.data.trajectories import generate_answers
     from trajalign.judges import starts_refusal
 
-    def refusal_rate(prompts: list[str]) -> float:
+    def refusal_rate(prompts: list[str], label: str) -> float:
         behaviors = [Behavior(id=str(index), prompt=prompt, dataset="probe") for index, prompt in enumerate(prompts)]
-        answers = generate_answers(handle, behaviors, new_tokens, batch_size, cache_dir=None)
+        answers = generate_answers(handle, behaviors, new_tokens, batch_size, cache_dir=None,
+                                   progress=progress and (lambda done, total, unit: progress(done, total, label)))
         return sum(starts_refusal(handle.chat.decode(ids)) for ids in answers.values()) / len(prompts)
 
-    rates = {"harmful_refusal": refusal_rate(harmful), "harmless_refusal": refusal_rate(harmless)}
+    rates = {"harmful_refusal": refusal_rate(harmful, "harmful answers"),
+             "harmless_refusal": refusal_rate(harmless, "harmless answers")}
     with ablate_direction(handle.model, direction.direction):
-        rates["harmful_refusal_ablated"] = refusal_rate(harmful)
+        rates["harmful_refusal_ablated"] = refusal_rate(harmful, "harmful answers, direction ablated")
     with add_vector(handle.model, direction.direction, direction.layer):
-        rates["harmless_refusal_added"] = refusal_rate(harmless)
+        rates["harmless_refusal_added"] = refusal_rate(harmless, "harmless answers, direction added")
     return rates

@@ -39,8 +39,10 @@ class ProbeConfig(ModelSpec):
     out: Path = Path("runs/probe")
 
 
-def run_probe(config: ProbeConfig, handle=None, behaviors=None, trajectories=None, exclude_ids=()) -> dict:
-    """Directions are computed on prompts whose ids are not in `exclude_ids` (e.g. the test behaviors)."""
+def run_probe(config: ProbeConfig, handle=None, behaviors=None, trajectories=None, exclude_ids=(),
+              progress=None) -> dict:
+    """Directions are computed on prompts whose ids are not in `exclude_ids` (e.g. the test behaviors);
+    `progress(done, total, unit)` follows the direction's candidates and the trajectories' generation."""
     write_config(config.out, config)
     handle = handle or config.load_model()
     shared = _reference_direction(config.reference_direction, handle.model.get_input_embeddings().weight.shape[1])
@@ -51,11 +53,12 @@ def run_probe(config: ProbeConfig, handle=None, behaviors=None, trajectories=Non
         harmless = [b.prompt for b in load_behaviors(config.harmless)]
         direction = select_direction(handle, harmful[-config.direction_prompts:],
                                      harmless[:config.direction_prompts], config.batch_size,
-                                     positions=[-1], layer_step=config.layer_step)
+                                     positions=[-1], layer_step=config.layer_step, progress=progress)
         direction.save(config.out / "direction")
     behaviors = behaviors or load_behaviors(config.dataset, limit=config.limit)
     trajectories = trajectories or load_trajectories(config.trajectories, behaviors, handle,
-                                                     config.trajectory_tokens, cache_dir=config.out / "cache")
+                                                     config.trajectory_tokens, cache_dir=config.out / "cache",
+                                                     progress=progress)
     reference = load_model(config.reference, device=str(handle.device)) if config.reference else None
     layers = sorted({direction.layer, len(direction.mean_diff) // 2, len(direction.mean_diff) - 1})
     readings = probe_trajectories(

@@ -42,10 +42,11 @@ def reference_answer(tokenizer, behavior: Behavior, max_tokens: int) -> tuple[li
 
 
 def build_anchors(handle, behaviors: list[Behavior], sources: list[AnchorSource], default_answers: AnchorAnswers,
-                  max_tokens: int, batch_size: int, cache_dir: Path | None) -> list[Anchor]:
+                  max_tokens: int, batch_size: int, cache_dir: Path | None, progress=None) -> list[Anchor]:
     """One anchor per benign behavior, answered as its source says (`default_answers` when no source names it).
 
-    Self-distilled answers are generated greedily by `handle`'s model (the original one) and cached.
+    Self-distilled answers are generated greedily by `handle`'s model (the original one) and cached;
+    `progress(done, total, "answers")` follows their generation.
     """
     settings = {behavior.id: source_of(behavior, sources) for behavior in behaviors}
     answers_of = {behavior.id: (settings[behavior.id] and settings[behavior.id].answers) or default_answers
@@ -55,7 +56,8 @@ def build_anchors(handle, behaviors: list[Behavior], sources: list[AnchorSource]
                if answers_of[behavior.id] == "reference"}
     distilled = [behavior for behavior in behaviors if answers_of[behavior.id] == "self"]
     if distilled:
-        generated = generate_answers(handle, distilled, max_tokens, batch_size, cache_dir=cache_dir)
+        generated = generate_answers(handle, distilled, max_tokens, batch_size, cache_dir=cache_dir,
+                                     progress=progress)
         answers.update({behavior_id: (ids, len(ids) < max_tokens) for behavior_id, ids in generated.items()})
     return [Anchor(behavior, *answers[behavior.id],
                    weight=settings[behavior.id].weight if settings[behavior.id] else 1.0) for behavior in behaviors]

@@ -42,12 +42,13 @@ def label_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.
 
 
 def constrained_loss(policy_log_probs: torch.Tensor, reference_log_probs: torch.Tensor, mask: torch.Tensor,
-                     settings: ConstrainedSettings) -> torch.Tensor:
+                     settings: ConstrainedSettings, count: torch.Tensor | None = None) -> torch.Tensor:
     """mean over trained tokens of -(2 / beta_t) * log sigmoid(beta_t * (log pi - log pi_ref)).
 
     As beta -> 0 its gradient tends to the cross-entropy gradient; large beta keeps a token near the reference.
+    `count` divides the sum instead of this batch's trained tokens: those of a whole accumulated step.
     """
     token_index = mask.long().cumsum(dim=1)
     betas = settings.betas(token_index).to(policy_log_probs.device)
     per_token = -(2.0 / betas) * F.logsigmoid(betas * (policy_log_probs - reference_log_probs))
-    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    return (per_token * mask).sum() / (mask.sum() if count is None else count).clamp(min=1)

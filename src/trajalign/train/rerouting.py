@@ -80,7 +80,12 @@ class Rerouting(Objective):
     columns = ("rerouted",)
 
     def configure(self, config):
-        return config if config.lora is not None else config.model_copy(update={"lora": PAPER_LORA})
+        # Its losses are means over the rerouted and the retained tokens of the batch, which micro-batches would
+        # turn into a mean of per-pass means: a step's rows go through in one pass.
+        update = {"micro_batch_size": config.batch_size}
+        if config.lora is None:
+            update["lora"] = PAPER_LORA
+        return config.model_copy(update=update)
 
     def build_rows(self, recipe: RecipeConfig, chat, harmful, benign, weights=None) -> list[TrainingRow]:
         return build_rows(recipe, chat, harmful, benign, weights, harmful_row=rerouting_row)
@@ -131,4 +136,5 @@ class Rerouting(Objective):
         rerouting_weight, retain_weight = schedule(trainer.state.global_step, trainer.state.max_steps, self.alpha)
         loss = (rerouting_weight * rerouting_loss(adapted[self.rerouted], original[self.rerouted], continuation)
                 + retain_weight * retain_loss(adapted, original, retained))
+        loss = loss / trainer.current_gradient_accumulation_steps  # a pass's share of the step's mean
         return (loss, None) if return_outputs else loss

@@ -10,7 +10,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from trajalign.batching import pad_right
 from trajalign.data.datasets import Behavior
@@ -18,6 +18,7 @@ from trajalign.data.trajectories import Trajectory, load_trajectories
 from trajalign.errors import InputError
 from trajalign.models.loading import ModelSpec
 from trajalign.models.registry import DEFAULT_MODEL
+from trajalign.requirements import require
 from trajalign.runs import write_config
 from trajalign.train.anchoring import anchoring_loss
 from trajalign.train.anchors import Anchor, build_anchors
@@ -65,7 +66,10 @@ class TrainConfig(ModelSpec):
     rounds: int = Field(default=1, gt=0, description="on-policy rounds: attack, add the failures, train again")
     learning_rate: float = Field(default=5e-5, gt=0)
     epochs: float = Field(default=2.0, gt=0)
-    batch_size: int = Field(default=16, gt=0)
+    batch_size: int = Field(default=16, gt=0, description="rows per optimizer step")
+    micro_batch_size: int = Field(default=2, gt=0, description="rows per forward pass: a step's rows go through in "
+                                  "passes of this many, gradients summed: the same update with less memory and less "
+                                  "padding (rows of similar length share a pass)")
     generation_batch_size: int = Field(default=64, gt=0, description="rows per pass when self-distilling anchors "
                                        "and generating trajectories: decoding is cheaper per token in wide batches")
     gradient_accumulation: int = Field(default=1, gt=0)
@@ -78,6 +82,13 @@ class TrainConfig(ModelSpec):
     @classmethod
     def _one_or_more(cls, value):
         return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _micro_batches_fill_a_batch(self) -> "TrainConfig":
+        if self.batch_size % min(self.micro_batch_size, self.batch_size):
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
+                             f"{self.micro_batch_size}")
+        return self
 
 
 def collate(rows: list[dict], pad_id: int) -> dict:
@@ -93,15 +104,16 @@ def collate(rows: list[dict], pad_id: int) -> dict:
 
 
 def _trainer_class():
-    from trl import SFTTrainer
-
-    class TrajectoryTrainer(SFTTrainer):
+    class TrajectoryTrainer(require("trl", "training").SFTTrainer):
         """SFTTrainer whose loss the recipe's objective chooses; the token loss has an optional token-wise
         constrained form and an optional KL term on benign rows, both against the frozen original."""
 
         def __init__(self, *args, objective, reference_model=None, constrained: ConstrainedSettings | None = None,
                      kl_weight: float = 0.0, **kwargs):
             super().__init__(*args, **kwargs)
+            # Every loss here is its micro-batch's share of the step's loss (a token sum over the step's trained
+            # tokens, a mean over micro-batches), so the trainer must not divide it again.
+            self.loss_is_scaled_for_ga = True
             self.objective = objective
             self.reference_model = reference_model
             self.constrained = constrained
@@ -123,19 +135,22 @@ def _trainer_class():
                        "use_cache": False, "logits_to_keep": positions}
             outputs = model(**forward)
             log_probs, mask = label_log_probs(outputs.logits, targets)
+            # Divided by the trained tokens of the whole step, so that micro-batches add up to the step's mean.
+            count = num_items_in_batch if num_items_in_batch is not None else (
+                mask.sum() * self.current_gradient_accumulation_steps)
+            count = torch.as_tensor(count, device=log_probs.device).clamp(min=1)
             if self.constrained is None:
-                count = num_items_in_batch if num_items_in_batch is not None else mask.sum()
-                loss = -log_probs.sum() / torch.as_tensor(count, device=log_probs.device).clamp(min=1)
-                if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                    loss = loss * self.accelerator.num_processes  # DDP averages gradients across ranks
+                loss = -log_probs.sum() / count
             else:
                 with torch.no_grad():
                     reference, _ = label_log_probs(self.reference_model(**forward).logits, targets)
-                loss = constrained_loss(log_probs, reference, mask, self.constrained)
+                loss = constrained_loss(log_probs, reference, mask, self.constrained, count)
             if self.kl_weight:  # benign likelihood anchoring (trajalign.train.anchoring)
-                loss = loss + self.kl_weight * anchoring_loss(self.accelerator.unwrap_model(model),
-                                                              self.reference_model, forward, outputs.logits,
-                                                              targets, inputs["benign"])
+                loss = loss + self.kl_weight * anchoring_loss(
+                    self.accelerator.unwrap_model(model), self.reference_model, forward, outputs.logits, targets,
+                    inputs["benign"]) / self.current_gradient_accumulation_steps
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # DDP averages gradients across ranks
             return (loss, outputs) if return_outputs else loss
 
     return TrajectoryTrainer
@@ -164,18 +179,21 @@ class Materials:
 
 
 def prepare_materials(config: TrainConfig, handle, harmful: list[Behavior], benign: list[Behavior],
-                      cache_dir: Path, trajectories: dict[str, Trajectory] | None = None) -> Materials:
+                      cache_dir: Path, trajectories: dict[str, Trajectory] | None = None,
+                      progress=None) -> Materials:
     """Trajectories of the harmful behaviors (those not given are generated or read, and cached) and anchor
-    answers of the benign ones; `handle` must hold the original model."""
+    answers of the benign ones; `handle` must hold the original model. `progress(done, total, unit)` follows
+    their generation."""
     if config.recipe.benign_ratio == 0 and config.preference is None:
         benign = []
     anchors = build_anchors(handle, benign, config.benign, config.anchor_answers, config.anchor_tokens,
-                            config.generation_batch_size, cache_dir)
+                            config.generation_batch_size, cache_dir, progress)
     trajectories = dict(trajectories or {})
     missing = [behavior for behavior in harmful if behavior.id not in trajectories]
     if missing:
         trajectories.update(load_trajectories(config.trajectories, missing, handle, config.trajectory_tokens,
-                                              config.generation_batch_size, cache_dir=cache_dir))
+                                              config.generation_batch_size, cache_dir=cache_dir,
+                                              progress=progress))
     return Materials([(b.id, b.prompt, trajectories[b.id].token_ids) for b in harmful], anchors)
 
 
@@ -198,15 +216,41 @@ def _last_checkpoint(directory: Path) -> str | None:
     return str(checkpoints[-1]) if checkpoints else None
 
 
+def _step_log(out: Path, progress):
+    """A trainer callback: each logged step becomes a readable line in `training.log` (appended as it comes, so a
+    killed run keeps it) and advances `progress(step, steps, "steps", note)` with the current loss."""
+    from transformers import TrainerCallback
+
+    class StepLog(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            values = "  ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                               for key, value in logs.items() if key != "total_flos")
+            with open(out / "training.log", "a", encoding="utf-8") as file:
+                file.write(f"step {state.global_step}/{state.max_steps}  {values}\n")
+            if progress and "loss" in logs:
+                progress(state.global_step, state.max_steps, "steps", f"loss {logs['loss']:.3f}")
+
+    return StepLog()
+
+
 def run_training(config: TrainConfig, handle=None, harmful: list[Behavior] | None = None,
                  benign: list[Behavior] | None = None, trajectories: dict | None = None,
-                 cache_dir: Path | None = None, extra_rows: list[TrainingRow] = ()) -> Path:
+                 cache_dir: Path | None = None, extra_rows: list[TrainingRow] = (), progress=None) -> Path:
     """Train and save an HF model directory at `config.out`; a killed run resumes from its last checkpoint.
 
     `trajectories` and `cache_dir` let a caller share work already done (the reproduction does); `extra_rows`
     join the recipe's rows. With a preference stage, the SFT model is kept in `out/sft` and DPO's result is
     the model at `out`; with several rounds (trajalign.train.iteration), each round's model is `out/round-N` and
-    the last one's directory is returned."""
+    the last one's directory is returned. `progress(done, total, unit, note)` follows the anchors' generation,
+    then the steps with the current loss; the trainer's own printing is off, its log goes to `training.log` and
+    `training_log.json` in the model's directory."""
+    require("datasets", "training")
+    require("trl", "training")
+    require("matplotlib", "the training loss curve")
+    if config.lora:
+        require("peft", "LoRA training")
     if config.rounds > 1:
         from trajalign.train.iteration import run_rounds
 
@@ -224,11 +268,12 @@ def run_training(config: TrainConfig, handle=None, harmful: list[Behavior] | Non
     handle = handle or config.load_model()
     harmful = harmful if harmful is not None else load_harmful(config)
     benign = benign if benign is not None else load_benign(config)
-    materials = prepare_materials(config, handle, harmful, benign, cache_dir or out / "cache", trajectories)
+    materials = prepare_materials(config, handle, harmful, benign, cache_dir or out / "cache", trajectories,
+                                  progress)
     sft_out = out / "sft" if config.preference else out
     if not (sft_out / DONE_MARKER).exists():
         _fine_tune(config, handle, prepare_rows(config, handle.chat, materials, extra_rows, objective), sft_out,
-                   is_main, objective)
+                   is_main, objective, progress)
     if config.preference:
         _prefer(config, handle, materials, sft_out, is_main)
     return out
@@ -259,8 +304,10 @@ def _lora_config(config: TrainConfig, options: dict | None = None):
     return LoraConfig(**{**settings, **(options or {})})
 
 
-def _fine_tune(config: TrainConfig, handle, rows: list[TrainingRow], out: Path, is_main: bool, objective) -> None:
+def _fine_tune(config: TrainConfig, handle, rows: list[TrainingRow], out: Path, is_main: bool, objective,
+               progress=None) -> None:
     from datasets import Dataset
+    from transformers import PrinterCallback
     from trl import SFTConfig
 
     _check_window(handle, [(row.behavior_id, row.kind, len(row.input_ids)) for row in rows])
@@ -287,17 +334,19 @@ def _fine_tune(config: TrainConfig, handle, rows: list[TrainingRow], out: Path, 
 
         model = get_peft_model(model, _lora_config(config, objective.lora_options(model)))
     on_gpu = _on_gpu(config)
+    micro_batch = min(config.micro_batch_size, config.batch_size)
     args = SFTConfig(
         output_dir=str(out / "checkpoints"), num_train_epochs=config.epochs,
-        per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation,
+        per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=config.gradient_accumulation * config.batch_size // micro_batch,
         learning_rate=config.learning_rate, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
         logging_steps=1, save_strategy="steps", save_steps=config.save_steps, save_total_limit=1,
         report_to=[], seed=config.seed, data_seed=config.seed, use_cpu=not on_gpu,
         bf16=on_gpu and config.dtype == "bfloat16",
         dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False, max_length=None,
-        dataloader_num_workers=0, disable_tqdm=not is_main, ddp_find_unused_parameters=False,
+        dataloader_num_workers=0, disable_tqdm=True, ddp_find_unused_parameters=False,
         train_sampling_strategy="group_by_length",  # similar lengths per batch: less compute spent on padding
-        gradient_checkpointing=False,  # TRL turns it on; for small models recomputation only costs time
+        activation_checkpointing=False,  # TRL turns it on; for small models recomputation only costs time
     )
     pad_id = handle.tokenizer.pad_token_id
     trainer = _trainer_class()(
@@ -306,6 +355,8 @@ def _fine_tune(config: TrainConfig, handle, rows: list[TrainingRow], out: Path, 
         callbacks=objective.callbacks(out / "checkpoints"), objective=objective, reference_model=reference,
         constrained=config.constrained, kl_weight=config.kl_weight,
     )
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict on stdout
+    trainer.add_callback(_step_log(out, progress))
     trainer.train(resume_from_checkpoint=_last_checkpoint(out / "checkpoints"))
     if trainer.is_world_process_zero():
         _finish(trainer, handle, config, out, {"rows": len(rows)})
@@ -357,13 +408,9 @@ def _save(model, handle, config: TrainConfig, out: Path) -> None:
 def _write_log(history: list[dict], out: Path) -> None:
     (out / "training_log.json").write_text(json.dumps(history, indent=1))
     losses = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
-    try:
-        import matplotlib
+    require("matplotlib", "the training loss curve").use("Agg")
+    import matplotlib.pyplot as plt
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
     figure, axis = plt.subplots(figsize=(5, 3))
     axis.plot([step for step, _ in losses], [loss for _, loss in losses], color="#0072B2")
     axis.set_xlabel("step")
