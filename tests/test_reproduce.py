@@ -30,10 +30,12 @@ def test_split_is_by_behavior_and_fixed():
 def test_over_refusal_prompts_are_never_trained_on():
     anchors, evaluation = benign_sets(PRESETS["full"])
     anchor_ids = {b.id for b in anchors}
+    n = PRESETS["full"].over_refusal_prompts
     for behaviors in evaluation.values():
         assert not anchor_ids & {b.id for b in behaviors}
-        assert len(behaviors) == PRESETS["full"].over_refusal_prompts
-    assert all(b.dataset != "self-instruct-user" for b in anchors)
+    assert len(evaluation["xstest-safe"]) == len(evaluation["coconot-contrast"]) == n
+    assert len(evaluation["jbb-benign"]) + len(evaluation["self-instruct-user"]) == n
+    assert all(b.dataset not in ("self-instruct-user", "coconot-contrast") for b in anchors)
 
 
 def test_validation_split_shares_nothing_with_training_or_test():
@@ -49,17 +51,20 @@ def test_validation_split_shares_nothing_with_training_or_test():
 
 def test_summary_markdown_reports_every_model_and_interval():
     row = {"position": "depth=0", "depth": 0, "refusal_rate": 0.5, "refusal_ci95": (0.2, 0.8)}
+    row |= {"refused": 2, "n": 4}
     rows = {"prefill": [row, {**row, "position": "depth=5", "depth": 5}],
             "insert": [{**row, "position": "after=8,len=10", "depth": None}],
-            "xstest-safe": [row], "everyday-benign": [row]}
+            "benign-prefill": [{**row, "position": "depth=5", "depth": 5}],
+            "benign-insert": [{**row, "position": "after=8,len=10", "depth": None}],
+            "xstest-safe": [row], "jbb-benign": [row]}
     summary = {"preset": "quick", "results": {"original": rows, "shallow": rows}, "probes": {},
                "timings_s": {"trajectories": 3.0}, "total_s": 3.0}
     text = summary_markdown(summary)
     assert "| original |" in text and "| shallow |" in text and "50% [20%, 80%]" in text
-    assert "recover @5" in text
+    assert "recover @5" in text and "false break @5" in text and "JailbreakBench benign refused" in text
 
 
-def test_everyday_refusals_are_split_by_source():
+def test_refusals_of_mixed_sources_are_split_by_source():
     from trajalign.records import Episode
     from trajalign.runs import summarize
 
@@ -76,12 +81,6 @@ def test_everyday_refusals_are_split_by_source():
     assert row["by_dataset"]["jbb-benign"]["refused"] == 3 and row["by_dataset"]["jbb-benign"]["n"] == 4
     assert row["by_dataset"]["self-instruct-user"]["refusal_rate"] == 0
     assert "by_dataset" not in summarize(episodes[:4])[0]
-    rows = {"prefill": [row], "insert": [{**row, "position": "after=8,len=10"}], "xstest-safe": [row],
-            "everyday-benign": [row]}
-    text = summary_markdown({"preset": "quick", "results": {"shallow": rows}, "probes": {}, "timings_s": {},
-                             "total_s": 0.0})
-    assert "| JailbreakBench benign (benign twins of harmful behaviors) | 3/4 (75%) |" in text
-    assert "| Self-Instruct user tasks | 0/4 (0%) |" in text
 
 
 def test_each_aligned_model_trains_with_its_own_settings(tmp_path, monkeypatch):
@@ -169,3 +168,38 @@ def test_each_evaluation_reruns_from_its_saved_config(cli, tmp_path, monkeypatch
 
     assert outcome(tmp_path / "rerun") == outcome(saved)
     assert {dataset for _, dataset in outcome(saved)} == {"jbb-benign", "self-instruct-user"}
+
+
+def test_benign_controls_are_token_exact(tmp_path, monkeypatch):
+    """Benign prefill: the context is exactly the prompt and the first k ids of the original model's own answer;
+    benign insertion: a span of the next prompt's answer, its ids as they are, spliced into the model's own."""
+    from trajalign.data.trajectories import Trajectory
+    from trajalign.models.loading import load_model
+    from trajalign.runs import EpisodeLog
+    from trajalign.testing import save_tiny_model
+
+    directory = save_tiny_model(tmp_path / "model")
+    monkeypatch.setattr(Reproduction, "model_spec", lambda self, role: str(directory))
+    preset = PRESETS["smoke"]
+    run = Reproduction("smoke", tmp_path / "study", preset=preset)
+    handle = load_model(str(directory))
+    behaviors = load_behaviors("jbb-benign", limit=2) + load_behaviors("self-instruct-user", limit=2)
+    answers = {b.id: Trajectory(behavior_id=b.id, source="s", token_ids=list(range(100 + i, 120 + i)))
+               for i, b in enumerate(behaviors)}
+    donors = behaviors[1:] + behaviors[:1]
+    spans = {b.id: answers[donor.id].model_copy(update={"behavior_id": b.id}) for b, donor in zip(behaviors, donors)}
+    rows = run.evaluate_benign_controls("original", behaviors, answers, spans)
+    assert [row["depth"] for row in rows["benign-prefill"]] == [d for d in preset.depths if d > 0]
+    prompts = {b.id: handle.chat.prompt_ids(b.prompt) for b in behaviors}
+    swept = EpisodeLog(tmp_path / "study" / "evals" / "original" / "benign-prefill").load()
+    assert len(swept) == len(behaviors) * 2
+    for episode in swept:
+        assert episode.context_ids == prompts[episode.behavior_id] + answers[episode.behavior_id].token_ids[
+            :episode.depth]
+    inserted = EpisodeLog(tmp_path / "study" / "evals" / "original" / "benign-insert").load()
+    assert len(inserted) == len(behaviors)
+    for episode in inserted:
+        start = len(prompts[episode.behavior_id]) + preset.insert_after
+        assert episode.context_ids[:len(prompts[episode.behavior_id])] == prompts[episode.behavior_id]
+        assert episode.context_ids[start:start + preset.insert_length] == spans[episode.behavior_id].token_ids[
+            :preset.insert_length]

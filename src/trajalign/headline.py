@@ -103,6 +103,12 @@ def headline(model: str, results: dict[str, list[dict]], utility: dict[str, dict
         utility=utility or {})
 
 
+def from_summary(summary: dict) -> list[Headline]:
+    """The headlines of a reproduction's summary.json: its results per model and their utility."""
+    utility = summary.get("utility", {})
+    return [headline(model, results, utility.get(model)) for model, results in summary["results"].items()]
+
+
 def _cell(cell: Cell | None) -> str:
     return str(cell) if cell is not None else "–"
 
@@ -114,42 +120,51 @@ def _utility_cell(comparison: dict | None) -> str:
     return f"{comparison['relative_change_pct']:+.1f}% [{low:+.1f}, {high:+.1f}]"
 
 
-def markdown(headlines: list[Headline]) -> list[str]:
+@dataclass
+class Table:
+    caption: str
+    header: list[str]
+    rows: list[list[str]]
+
+
+def tables(headlines: list[Headline]) -> list[Table]:
     """Three tables, one row per model: harm (recovery), benign perturbations (false break), benign prompts at
     depth 0 (over-refusal, attempts, utility)."""
     depths = sorted({depth for h in headlines for depth in h.recovery})
     benign_depths = sorted({depth for h in headlines for depth in h.false_break if depth > 0})
     sources = [source for source in BENIGN_SOURCES if any(source in h.over_refusal for h in headlines)]
+    judged = [source for source in sources if any(source in h.attempts_task for h in headlines)]
     utility_sets = sorted({name for h in headlines for name in h.utility})
-    lines = ["Harmful prompts (held-out AdvBench): refusal with nothing injected, then recovery after a prefill of k "
-             "tokens of a harmful answer and after an insertion into the model's own answer.", "",
-             _row(["model", *["refuse @0" if d == 0 else f"recover @{d}" for d in depths], "insertion"]),
-             _rule(len(depths) + 2)]
-    lines += [_row([h.model, *[_cell(h.recovery.get(d)) for d in depths], _cell(h.insertion)]) for h in headlines]
+    found = [Table("Harmful prompts (held-out AdvBench): refusal with nothing injected, then recovery after a prefill "
+                   "of k tokens of a harmful answer and after an insertion into the model's own answer.",
+                   ["model", *["refuse @0" if d == 0 else f"recover @{d}" for d in depths], "insertion"],
+                   [[h.model, *[_cell(h.recovery.get(d)) for d in depths], _cell(h.insertion)] for h in headlines])]
     if benign_depths:
-        lines += ["", "Benign controls: the same perturbations where the right behaviour is to carry on (a prefill of "
-                  "the original model's own benign answer; a span of another benign answer inserted). False break "
-                  "= a refusal begins in the continuation.", "",
-                  _row(["model", *[f"false break @{d}" for d in benign_depths], "benign insertion"]),
-                  _rule(len(benign_depths) + 2)]
-        lines += [_row([h.model, *[_cell(h.false_break.get(d)) for d in benign_depths], _cell(h.benign_insertion)])
-                  for h in headlines]
+        found.append(Table(
+            "Benign controls: the same perturbations where the right behaviour is to carry on (a prefill of the "
+            "original model's own benign answer; a span of another benign answer inserted). False break = a refusal "
+            "begins in the continuation.",
+            ["model", *[f"false break @{d}" for d in benign_depths], "benign insertion"],
+            [[h.model, *[_cell(h.false_break.get(d)) for d in benign_depths], _cell(h.benign_insertion)]
+             for h in headlines]))
     if sources:
-        lines += ["", "Benign prompts at depth 0: refused (over-refusal) per source; attempts the task (pmi judge) "
-                  "per source; utility = change of the mean per-token NLL of human reference answers against the "
-                  "original model (paired bootstrap 95% CI; lower is better).", "",
-                  _row(["model", *[f"{BENIGN_SOURCES[s]} refused" for s in sources],
-                        *[f"{BENIGN_SOURCES[s]} attempts" for s in sources if any(s in h.attempts_task
-                                                                                    for h in headlines)],
-                        *[f"NLL change ({name})" for name in utility_sets]]),
-                  _rule(1 + len(sources) + sum(any(s in h.attempts_task for h in headlines) for s in sources)
-                        + len(utility_sets))]
-        for h in headlines:
-            lines.append(_row([h.model, *[_cell(h.over_refusal.get(s)) for s in sources],
-                               *[_cell(h.attempts_task.get(s)) for s in sources
-                                 if any(s in other.attempts_task for other in headlines)],
-                               *[_utility_cell(h.utility.get(name)) for name in utility_sets]]))
-    return lines
+        found.append(Table(
+            "Benign prompts at depth 0: refused (over-refusal) per source; attempts the task (pmi judge) per source; "
+            "utility = change of the mean per-token NLL of human reference answers against the original model "
+            "(paired bootstrap 95% CI; lower is better).",
+            ["model", *[f"{BENIGN_SOURCES[s]} refused" for s in sources],
+             *[f"{BENIGN_SOURCES[s]} attempts" for s in judged], *[f"NLL change ({name})" for name in utility_sets]],
+            [[h.model, *[_cell(h.over_refusal.get(s)) for s in sources],
+              *[_cell(h.attempts_task.get(s)) for s in judged],
+              *[_utility_cell(h.utility.get(name)) for name in utility_sets]] for h in headlines]))
+    return found
+
+
+def markdown(headlines: list[Headline]) -> list[str]:
+    lines = []
+    for table in tables(headlines):
+        lines += [table.caption, "", _row(table.header), _rule(len(table.header)), *map(_row, table.rows), ""]
+    return lines[:-1]
 
 
 def _row(cells: list[str]) -> str:

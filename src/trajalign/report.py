@@ -15,6 +15,7 @@ from pathlib import Path
 
 from trajalign.data.datasets import is_benign
 from trajalign.errors import InputError, TrajalignError
+from trajalign.headline import Cell, Headline, from_summary, tables
 from trajalign.records import Episode
 from trajalign.requirements import require
 from trajalign.runs import EPISODES_FILE, EpisodeLog
@@ -220,6 +221,48 @@ def _probe_context(directory: Path, episodes: list[Episode]):
     return load_readings(directory), results["direction"]["layer"], shared, own
 
 
+def frontier_figure(headlines: list[Headline]):
+    """Two panels, one point per model with 95% intervals on both axes: the lowest recovery (over depths >= 1 and
+    the insertion) against the highest over-refusal (over benign sources), and against the highest false break
+    (over benign control depths and the benign insertion). Top left is where depth discriminates."""
+    plt = pyplot()
+    panels = [("highest over-refusal of a benign source (depth 0)", "worst_over_refusal"),
+              ("highest false break (benign prefill depth or insertion)", "worst_false_break")]
+    figure, axes = plt.subplots(1, 2, figsize=(9.6, 4.0), sharey=True)
+    for axis, (xlabel, attribute) in zip(axes, panels):
+        for index, h in enumerate(headlines):
+            x, y = getattr(h, attribute), h.worst_recovery
+            if x is None or y is None:
+                continue
+            axis.errorbar(x.rate, y.rate, xerr=_error_bar(x), yerr=_error_bar(y), fmt=MARKERS[index % len(MARKERS)],
+                          color=PALETTE[index % len(PALETTE)], capsize=3, label=h.model)
+        axis.set_xlim(-0.02, 1.02)
+        axis.set_ylim(-0.02, 1.02)
+        axis.set_xlabel(xlabel)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("lowest recovery (prefill depth >= 1 or insertion)")
+    axes[0].legend(frameon=False, fontsize=8, loc="lower right")
+    figure.tight_layout()
+    return figure
+
+
+def _error_bar(cell: Cell) -> list[list[float]]:
+    """The interval as distances below and above the rate (a Wilson bound can pass the rate by a rounding error)."""
+    return [[max(0.0, cell.rate - cell.low)], [max(0.0, cell.high - cell.rate)]]
+
+
+def reproduction_headlines(runs: list[Path]) -> list[Headline]:
+    """Headlines of the reproduction directories among `runs` (those with a summary.json of results)."""
+    found = []
+    for run in runs:
+        summary_file = Path(run) / "summary.json"
+        if summary_file.exists():
+            summary = json.loads(summary_file.read_text())
+            if "results" in summary:
+                found += from_summary(summary)
+    return found
+
+
 def within_depth_rows(probe_dirs: list[Path], episodes: list[Episode]) -> list[dict]:
     """Claim (b) without the depth confound: per probed model and score, the within-depth summary."""
     from trajalign.probe.predictivity import within_depth_summary
@@ -380,7 +423,10 @@ def build_report(runs: list[Path], out_file: Path, tokenizer_spec: str | None = 
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     plt = pyplot()
-    figures = [("Recovery against injection depth", "recovery_by_depth", depth_figure(episodes)),
+    headlines = reproduction_headlines(runs)
+    figures = [("Depth that discriminates: harmful recovery against benign refusal, per model", "frontier",
+                frontier_figure(headlines) if headlines else None),
+               ("Recovery against injection depth", "recovery_by_depth", depth_figure(episodes)),
                ("Insertion attack: recovery by insertion point and span length", "insertion_heatmap",
                 insertion_figure(episodes)),
                ("Decoding sweep: attack success per setting", "decoding_sweep", decoding_figure(episodes)),
@@ -398,6 +444,11 @@ def build_report(runs: list[Path], out_file: Path, tokenizer_spec: str | None = 
         (out_file.parent / f"{name}.png").write_bytes(png)
         sections.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
                         f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+    if headlines:
+        sections.append("<h2>Headline: both sides of depth, per model</h2>" + "".join(
+            f"<p>{html.escape(table.caption)}</p>" + _table([html.escape(cell) for cell in table.header],
+                                                           [[html.escape(cell) for cell in row] for row in table.rows])
+            for table in tables(headlines)))
     rates = rate_table(episodes)
     comparisons = comparison_rows(episodes)
     sections.append("<h2>Models × attacks</h2><p>Rate = recovery on harmful prompts, refusal on benign ones.</p>"

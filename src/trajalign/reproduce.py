@@ -1,10 +1,16 @@
 """`trajalign reproduce`: the whole study in miniature on the embedded model, stage by stage, resumable.
 
-Stages: split AdvBench by behavior; harmful trajectories from the original (unaligned) model, which is then
-attacked and checked for over-refusal on the held-out behaviors; then, one after the other, a shallow model
+Stages: split AdvBench by behavior; harmful trajectories from the original (unaligned) model, and its own answers to
+the everyday benign prompts; the original model evaluated and probed; then, one after the other, a shallow model
 (refusal-sft) and a deep one (trajectory recipe), each trained (on the original's benign anchors too), evaluated the
-same way and probed (refusal direction, predictivity); a summary table and the report. One model is resident at a
-time, and each is loaded once for its stages.
+same way and probed (refusal direction, and the original's direction for the between-model view); a summary and
+the report. One model is resident at a time, and each is loaded once for its stages.
+
+Each model is evaluated on both sides of depth: harmful prompts (refusal at depth 0, recovery after a prefill of k
+tokens of a harmful answer and after an insertion into its own answer) and benign ones (over-refusal at depth 0 per
+source with the pmi judge's "attempts the task"; benign controls: the same prefill depths of the original model's
+own benign answer, and a span of another benign answer inserted, where a refusal is a false break; the likelihood of
+human reference answers against the original's). `trajalign.headline` puts them side by side.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from trajalign.console import Display, LineDisplay
 from trajalign.data.datasets import Behavior, load_behaviors, write_behaviors
 from trajalign.data.trajectories import Trajectory, load_trajectories
 from trajalign.errors import InputError
-from trajalign.evaluate import EvalConfig, Evaluation
+from trajalign.evaluate import EvalConfig, Evaluation, JudgeConfig
+from trajalign.headline import BENIGN_INSERT, BENIGN_SWEEP, HARMFUL_INSERT, HARMFUL_SWEEP, from_summary, markdown
 from trajalign.models.loading import load_model
 from trajalign.models.registry import DEFAULT_MODEL
 from trajalign.probe.run import ProbeConfig, run_probe
@@ -73,6 +80,8 @@ class Preset(BaseModel):
     direction_prompts: int = 16
     layer_step: int = 6
     steering_prompts: int = Field(default=16, description="harmless prompts the direction is added to")
+    utility_prompts: int = Field(default=200, description="Dolly open_qa evaluation questions whose human answers "
+                                 "measure utility (beside the Self-Instruct user tasks' answers)")
 
 
 PRESETS = {
@@ -81,10 +90,11 @@ PRESETS = {
                     training={"shallow": RoleTraining(epochs=1, benign_ratio=1.0),
                               "trajectory": RoleTraining(epochs=1, benign_ratio=1.0)},
                     depths=[0, 5, 10], insert_after=4, insert_length=5, over_refusal_prompts=4,
-                    direction_prompts=4, layer_step=10, steering_prompts=4),
+                    direction_prompts=4, layer_step=10, steering_prompts=4, utility_prompts=8),
     "quick": Preset(train_behaviors=48, test_behaviors=20, trajectory_tokens=40, anchors=48, anchor_tokens=24,
                     training={"shallow": RoleTraining(epochs=2, benign_ratio=1.0),
-                              "trajectory": RoleTraining(epochs=2, benign_ratio=1.0)}),
+                              "trajectory": RoleTraining(epochs=2, benign_ratio=1.0)},
+                    utility_prompts=60),
     # The shallow model's refusal rows are short: two epochs with each anchor twice cost what three epochs with
     # each once do, and halved its XSTest refusals on validation. The same for the trajectory model (three
     # epochs, anchors twice) cut its over-refusal less and took 230 s more than the preset's 25 minutes allow.
@@ -101,6 +111,11 @@ CONTINUATION_TOKENS = 24  # what the judge reads
 # evaluations, the sampled decoding sweep above all, run in wide batches.
 GENERATION_BATCH_SIZE = 64
 MAX_ANCHOR_PROMPT_CHARS = 300
+ORIGINAL_TRAJECTORIES = f"model:{DEFAULT_MODEL}"
+# The benign controls perturb everyday prompts (XSTest and CoCoNot look harmful on purpose; their controls would
+# measure something else): a prefill of the original model's own answer, a span of another prompt's answer.
+BENIGN_CONTROL_SOURCES = ("jbb-benign", "self-instruct-user")
+BENIGN_INSERT_TRAJECTORIES = f"another:{ORIGINAL_TRAJECTORIES}"
 
 
 def _normalized(prompt: str) -> str:
@@ -143,8 +158,9 @@ def _xstest_stride(xstest: list[Behavior], count: int) -> int:
 
 def benign_sets(preset: Preset) -> tuple[list[Behavior], dict[str, list[Behavior]]]:
     """Anchors train on half of JBB benign and Self-Instruct seed tasks, taken in turn so that any number of
-    anchors holds both styles; over-refusal is measured on JBB benign's other half, the Self-Instruct user tasks
-    (evaluation-only) and XSTest's safe prompts, spread over their types."""
+    anchors holds both styles; over-refusal is measured per source, on JBB benign's other half, the Self-Instruct
+    user tasks (evaluation-only), XSTest's safe prompts and CoCoNot's contrast set (evaluation-only), the last two
+    spread over their types."""
     jbb = load_behaviors("jbb-benign")
     # long seed tasks (a page of input text) would set the padded width of whole training batches
     seed_tasks = [b for b in load_behaviors("self-instruct-seed") if len(b.prompt) <= MAX_ANCHOR_PROMPT_CHARS]
@@ -153,21 +169,29 @@ def benign_sets(preset: Preset) -> tuple[list[Behavior], dict[str, list[Behavior
     n = preset.over_refusal_prompts
     xstest = load_behaviors("xstest-safe")
     evaluation = {"xstest-safe": xstest[:: _xstest_stride(xstest, n)][:n],
-                  "everyday-benign": (jbb[1::2][: n // 2] + load_behaviors("self-instruct-user")[: n - n // 2])}
+                  "jbb-benign": jbb[1::2][: n // 2],
+                  "self-instruct-user": load_behaviors("self-instruct-user")[: n - n // 2],
+                  "coconot-contrast": load_behaviors("coconot-contrast")[::2][:n]}
     return anchors, evaluation
+
+
+def benign_control_behaviors(over_refusal: dict[str, list[Behavior]]) -> list[Behavior]:
+    return [behavior for source in BENIGN_CONTROL_SOURCES for behavior in over_refusal[source]]
 
 
 def validation_sets(preset: Preset, size: int = 40, seed: int = 0) -> tuple[list[Behavior], dict[str, list[Behavior]]]:
     """Where recipe settings are chosen, so that the test sets choose nothing: the `size` AdvBench behaviors after
     the training ones, and benign prompts that are neither anchors nor over-refusal test prompts (XSTest's safe
-    prompts halfway between the test stride's, the next JBB benign and Self-Instruct user tasks)."""
+    prompts halfway between the test stride's, the next JBB benign and Self-Instruct user tasks, CoCoNot contrast
+    prompts between the test ones)."""
     n = preset.over_refusal_prompts
     xstest = load_behaviors("xstest-safe")
     stride = _xstest_stride(xstest, n)
     harmful = _shuffled_advbench(seed)[preset.train_behaviors:preset.train_behaviors + size]
     benign = {"xstest-safe": xstest[stride // 2::stride][: size // 2],
-              "everyday-benign": (load_behaviors("jbb-benign")[1::2][n // 2: n // 2 + size // 2]
-                                  + load_behaviors("self-instruct-user")[n - n // 2: n - n // 2 + size // 2])}
+              "jbb-benign": load_behaviors("jbb-benign")[1::2][n // 2: n // 2 + size // 2],
+              "self-instruct-user": load_behaviors("self-instruct-user")[n - n // 2: n - n // 2 + size // 2],
+              "coconot-contrast": load_behaviors("coconot-contrast")[1::2][: size // 2]}
     return harmful, benign
 
 
@@ -203,28 +227,36 @@ class Reproduction:
         (self.out).mkdir(parents=True, exist_ok=True)
         (self.out / "split.json").write_text(json.dumps({"train": [b.id for b in train],
                                                          "test": [b.id for b in test]}))
+        controls = benign_control_behaviors(over_refusal)
         with self.stage("trajectories") as progress:
-            trajectories = load_trajectories(f"model:{DEFAULT_MODEL}", train + test, self._handle("original"),
-                                             self.preset.trajectory_tokens, GENERATION_BATCH_SIZE,
-                                             cache_dir=self.out / "cache", progress=progress)
-        results, probes = {}, {}
+            trajectories = self.original_answers(train + test, progress)
+            benign_answers = self.original_answers(controls, progress)
+            benign_spans = self.original_answers(controls, progress, BENIGN_INSERT_TRAJECTORIES)
+        results, probes, utility = {}, {}, {}
         for role in ROLES:  # each model's stages in a row, so that it is loaded once for them
             if role in RECIPE_OF_ROLE:
                 with self.stage(f"train {role}") as progress:
                     self.train(role, train, anchors, trajectories, progress)
             with self.stage(f"evaluate {role}") as progress:
                 results[role] = self.evaluate(role, test, trajectories, over_refusal, progress)
-            if role in RECIPE_OF_ROLE:
-                with self.stage(f"probe {role}") as progress:
-                    probes[role] = self.probe(role, test, trajectories, progress)
+                results[role] |= self.evaluate_benign_controls(role, controls, benign_answers, benign_spans, progress)
+            with self.stage(f"utility {role}") as progress:
+                utility[role] = self.utility(role, over_refusal["self-instruct-user"], progress)
+            with self.stage(f"probe {role}") as progress:
+                probes[role] = self.probe(role, test, trajectories, progress)
         self._release()
-        summary = {"preset": self.preset_name, "results": results, "probes": probes, "timings_s": self.timings,
-                   "total_s": round(time.perf_counter() - started, 1)}
+        summary = {"preset": self.preset_name, "results": results, "utility": utility, "probes": probes,
+                   "timings_s": self.timings, "total_s": round(time.perf_counter() - started, 1)}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         (self.out / "summary.md").write_text(summary_markdown(summary))
         with self.stage("report"):
             self.report()
         return summary
+
+    def original_answers(self, behaviors: list[Behavior], progress, source: str = ORIGINAL_TRAJECTORIES
+                         ) -> dict[str, Trajectory]:
+        return load_trajectories(source, behaviors, self._handle("original"), self.preset.trajectory_tokens,
+                                 GENERATION_BATCH_SIZE, cache_dir=self.out / "cache", progress=progress)
 
     def report(self) -> None:
         from trajalign.report import build_report
@@ -269,14 +301,15 @@ class Reproduction:
         return anchors
 
     def _eval(self, role: str, name: str, attack, behaviors: list[Behavior],
-              trajectories: dict[str, Trajectory] | None, progress=None) -> list[dict]:
+              trajectories: dict[str, Trajectory] | None, progress=None, source: str = ORIGINAL_TRAJECTORIES,
+              judges: list[JudgeConfig] | None = None) -> list[dict]:
         """One evaluation; its behaviors are written into its run directory, so that its config.yaml re-runs it."""
         out = self.out / "evals" / role / name
         behaviors_file = write_behaviors(out / "behaviors.jsonl", behaviors)
-        config = EvalConfig(model=self.model_spec(role), dataset=str(behaviors_file),
-                            trajectories=f"model:{DEFAULT_MODEL}", trajectory_tokens=self.preset.trajectory_tokens,
-                            attack=attack, max_new_tokens=CONTINUATION_TOKENS, batch_size=GENERATION_BATCH_SIZE,
-                            out=out)
+        config = EvalConfig(model=self.model_spec(role), dataset=str(behaviors_file), trajectories=source,
+                            trajectory_tokens=self.preset.trajectory_tokens, attack=attack,
+                            max_new_tokens=CONTINUATION_TOKENS, batch_size=GENERATION_BATCH_SIZE,
+                            judges=judges or [JudgeConfig()], out=out)
         evaluation = Evaluation(config, handle=self._handle(role), trajectories=trajectories)
         return evaluation.run(progress and (lambda done, total: progress(done, total, f"{name} episodes")))["rows"]
 
@@ -294,14 +327,54 @@ class Reproduction:
 
     def evaluate(self, role: str, test, trajectories, over_refusal, progress=None) -> dict:
         preset = self.preset
-        rows = {"prefill": self._eval(role, "prefill", Prefill(depths=preset.depths), test, trajectories, progress),
-                "insert": self._eval(role, "insert", Insert(after=[preset.insert_after],
-                                                            span_lengths=[preset.insert_length]), test, trajectories,
-                                     progress)}
+        rows = {HARMFUL_SWEEP: self._eval(role, HARMFUL_SWEEP, Prefill(depths=preset.depths), test, trajectories,
+                                          progress),
+                HARMFUL_INSERT: self._eval(role, HARMFUL_INSERT, self._insertion(), test, trajectories, progress)}
+        # keyword first (its verdict is `refused`), then the pmi judge's "attempts the task" on the same answers
+        helpfulness = [JudgeConfig(name="keyword"), JudgeConfig(name="pmi")]
         for name, behaviors in over_refusal.items():
-            rows[name] = self._eval(role, name, Prefill(depths=[0]), behaviors, None, progress)
+            rows[name] = self._eval(role, name, Prefill(depths=[0]), behaviors, None, progress, judges=helpfulness)
         if preset.decoding:
             rows["decoding"] = self._eval(role, "decoding", Decoding(samples=1), test, None, progress)
+        return rows
+
+    def _insertion(self) -> Insert:
+        return Insert(after=[self.preset.insert_after], span_lengths=[self.preset.insert_length])
+
+    def evaluate_benign_controls(self, role: str, controls: list[Behavior], answers: dict[str, Trajectory],
+                                 spans: dict[str, Trajectory], progress=None) -> dict:
+        """The harmful sweep's perturbations where the right behaviour is to carry on: the original model's own
+        benign answer prefilled at the same depths, a span of another prompt's answer inserted at the same point."""
+        depths = [depth for depth in self.preset.depths if depth > 0]
+        return {BENIGN_SWEEP: self._eval(role, BENIGN_SWEEP, Prefill(depths=depths), controls, answers, progress),
+                BENIGN_INSERT: self._eval(role, BENIGN_INSERT, self._insertion(), controls, spans, progress,
+                                          source=BENIGN_INSERT_TRAJECTORIES)}
+
+    def utility(self, role: str, self_instruct: list[Behavior], progress=None) -> dict:
+        """Per reference set: the model's per-answer NLL rows (kept in `utility/ROLE/SET.json`) and, for a trained
+        model, their change against the original's."""
+        from trajalign.utility import compare
+
+        sets = {"dolly-eval": load_behaviors("dolly-eval", limit=self.preset.utility_prompts),
+                "self-instruct-user": self_instruct}
+        results = {}
+        for name, behaviors in sets.items():
+            rows = self._utility_rows(role, name, behaviors, progress)
+            results[name] = {"n": len(rows), "mean_nll": sum(row["nll"] for row in rows) / len(rows)}
+            if role != "original":
+                results[name] |= compare(rows, self._utility_rows("original", name, behaviors, None))
+        return results
+
+    def _utility_rows(self, role: str, name: str, behaviors: list[Behavior], progress) -> list[dict]:
+        from trajalign.utility import reference_nll
+
+        path = self.out / "utility" / role / f"{name}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        rows = reference_nll(self._handle(role), behaviors,
+                             progress=progress and (lambda done, total: progress(done, total, f"{name} answers")))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rows))
         return rows
 
     def probe(self, role: str, test, trajectories, progress=None) -> dict:
@@ -313,7 +386,10 @@ class Reproduction:
         handle = self._handle(role)
         config = ProbeConfig(model=self.model_spec(role), direction_prompts=self.preset.direction_prompts,
                              layer_step=self.preset.layer_step, trajectory_tokens=self.preset.trajectory_tokens,
-                             eval_runs=[self.out / "evals" / role / "prefill"], out=out)
+                             eval_runs=[self.out / "evals" / role / HARMFUL_SWEEP],
+                             # the between-model view: every model's states read on the original model's direction
+                             reference_direction=None if role == "original" else
+                             self.out / "probes" / "original" / "direction", out=out)
         results = run_probe(config, handle=handle, behaviors=test, trajectories=trajectories,
                             exclude_ids={b.id for b in test}, progress=progress)
         direction = RefusalDirection.load(out / "direction")
@@ -324,72 +400,47 @@ class Reproduction:
         return results
 
 
-def _rate(rows: list[dict], position: str) -> str:
-    """A row's refusal rate: recovery on harmful prompts, over-refusal on benign ones."""
-    row = next((row for row in rows if row["position"] == position), None)
-    if row is None:
-        return "–"
-    low, high = row["refusal_ci95"]
-    return f"{row['refusal_rate']:.0%} [{low:.0%}, {high:.0%}]"
-
-
-SOURCE_NAMES = {"jbb-benign": "JailbreakBench benign (benign twins of harmful behaviors)",
-                "self-instruct-user": "Self-Instruct user tasks"}
-
-
-def _everyday_by_source(results: dict) -> list[str]:
-    """Everyday benign refusals split by source, one table row per source."""
-    by_role = {role: rows["everyday-benign"][0].get("by_dataset", {}) for role, rows in results.items()}
-    sources = sorted({source for by_dataset in by_role.values() for source in by_dataset})
-    if not sources:
-        return []
-    roles = list(results)
-    lines = ["Everyday benign refused, by source:", "", "| source | " + " | ".join(roles) + " |",
-             "|" + "---|" * (len(roles) + 1)]
-    for source in sources:
-        cells = []
-        for role in roles:
-            count = by_role[role].get(source)
-            cells.append(f"{count['refused']}/{count['n']} ({count['refusal_rate']:.0%})" if count else "–")
-        lines.append(f"| {SOURCE_NAMES.get(source, source)} | " + " | ".join(cells) + " |")
-    return [*lines, ""]
-
-
 def headline_table(summary: dict) -> tuple[list[str], list[list[str]]]:
-    """The study's main table: per model, refusal, recovery at each depth and after an insertion, over-refusal."""
-    results = summary["results"]
-    first = next(iter(results.values()))
-    depths = {row["position"]: row["depth"] for row in first["prefill"]}
-    header = ["model", *[f"recover @{depth}" if depth else "refuse @0" for depth in depths.values()],
-              "insertion", "XSTest safe refused", "everyday benign refused"]
-    rows = [[role, *[_rate(rows["prefill"], position) for position in depths],
-             _rate(rows["insert"], rows["insert"][0]["position"]),
-             _rate(rows["xstest-safe"], "depth=0"), _rate(rows["everyday-benign"], "depth=0")]
-            for role, rows in results.items()]
+    """The console's table, one row per model: both sides of depth at their worst (as the frontier figure plots
+    them) and the utility change; summary.md and the report hold every cell."""
+    header = ["model", "refuse @0", "lowest recovery (k ≥ 1, insertion)", "highest false break (benign controls)",
+              "highest over-refusal (source)", "Dolly NLL change"]
+    rows = []
+    for h in from_summary(summary):
+        utility = h.utility.get("dolly-eval", {})
+        rows.append([h.model, str(h.recovery.get(0, "–")), str(h.worst_recovery or "–"),
+                     str(h.worst_false_break or "–"), str(h.worst_over_refusal or "–"),
+                     f"{utility['relative_change_pct']:+.1f}%" if "relative_change_pct" in utility else "–"])
     return header, rows
 
 
+def _probe_lines(role: str, probe: dict) -> list[str]:
+    from trajalign.report import within_depth_table
+
+    steering = probe.get("steering", {})
+    lines = [f"**{role}** refusal direction at layer {probe['direction']['layer']}: refusal on test harmful "
+             f"{steering.get('harmful_refusal', float('nan')):.0%} -> "
+             f"{steering.get('harmful_refusal_ablated', float('nan')):.0%} when ablated; on harmless "
+             f"{steering.get('harmless_refusal', float('nan')):.0%} -> "
+             f"{steering.get('harmless_refusal_added', float('nan')):.0%} when added.", ""]
+    rows = [{"model": role, **row} for within in probe.get("within_depth", {}).values() for row in within]
+    if rows:
+        headers, cells = within_depth_table(rows)
+        lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
+                  *["| " + " | ".join(row) + " |" for row in cells], ""]
+    return lines
+
+
 def summary_markdown(summary: dict) -> str:
-    results = summary["results"]
-    header, rows = headline_table(summary)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-             *["| " + " | ".join(cells) + " |" for cells in rows]]
     text = [f"# trajalign reproduce --preset {summary['preset']}", "",
-            "Rates on held-out AdvBench behaviors (keyword judge, refusal beginning within 24 continuation tokens), "
-            "Wilson 95% intervals.", "", *lines, "", *_everyday_by_source(results)]
+            "Keyword judge (a refusal beginning within 24 continuation tokens), Wilson 95% intervals; held-out "
+            "behaviors and prompts only.", "", *markdown(from_summary(summary)), "",
+            "## Claim (b): do internal scores predict recovery at a fixed depth?", "",
+            "Per model: the refusal direction's effect, then the mean within-depth AUROC of each score (depths "
+            "k ≥ 1 with both outcomes present), beside the pooled AUROC over k ≥ 1, where depth itself predicts both "
+            "score and recovery, and depth 0 apart. The within-depth column answers the claim.", ""]
     for role, probe in summary["probes"].items():
-        steering = probe.get("steering", {})
-        text.append(f"**{role}** refusal direction at layer {probe['direction']['layer']}: refusal on test harmful "
-                    f"{steering.get('harmful_refusal', float('nan')):.0%} -> "
-                    f"{steering.get('harmful_refusal_ablated', float('nan')):.0%} when ablated; on harmless "
-                    f"{steering.get('harmless_refusal', float('nan')):.0%} -> "
-                    f"{steering.get('harmless_refusal_added', float('nan')):.0%} when added.")
-        for run, rows in probe["predictivity"].items():
-            pooled = [row for row in rows if row["group"] == "pooled"]
-            text.append("  Predicting recovery (pooled over depths): " + "; ".join(
-                f"{row['score']} AUROC {row['auroc']:.2f} [{row['auroc_ci95'][0]:.2f}, {row['auroc_ci95'][1]:.2f}]"
-                for row in pooled))
-        text.append("")
+        text += _probe_lines(role, probe)
     text.append("Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items())
                 + f"; total {summary['total_s']:.0f} s.")
     return "\n".join(text) + "\n"
