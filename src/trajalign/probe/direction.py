@@ -39,17 +39,27 @@ def mean_activations(handle, prompts: list[str], batch_size: int = 16) -> torch.
     return total / len(prompts)
 
 
-@torch.inference_mode()
 def refusal_scores(handle, prompts: list[str], opening_ids: list[int],
                    batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Per prompt: log-odds that the answer opens with a refusal token, log p / (1 - p), p = their mass; and the
     next-token log-distribution at the answer start ([prompts, vocab])."""
+    return context_refusal_scores(handle, [handle.chat.prompt_ids(prompt) for prompt in prompts], opening_ids,
+                                  batch_size)
+
+
+@torch.inference_mode()
+def context_refusal_scores(handle, contexts: list[list[int]], opening_ids: list[int],
+                           batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per context (token ids): log-odds that the next token opens a refusal, and the next-token log-distribution
+    ([contexts, vocab]). One teacher-forced pass per batch, right-padded, so every position id is as unpadded."""
     scores, distributions = [], []
-    for batch in batches([handle.chat.prompt_ids(prompt) for prompt in prompts], batch_size):
+    for batch in batches(contexts, batch_size):
         input_ids, attention_mask = pad_right(batch, handle.tokenizer.pad_token_id, handle.device)
-        logits = handle.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        last = logits[torch.arange(len(batch)), torch.tensor([len(ids) - 1 for ids in batch])].double()
-        log_probs = last.log_softmax(-1)
+        ends = sorted({len(ids) - 1 for ids in batch})  # logits only where some row ends: not [batch, seq, vocab]
+        logits = handle.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                              logits_to_keep=torch.tensor(ends, device=handle.device)).logits
+        columns = torch.tensor([ends.index(len(ids) - 1) for ids in batch])
+        log_probs = logits[torch.arange(len(batch)), columns].double().log_softmax(-1)
         mass = log_probs[:, opening_ids].logsumexp(-1)
         scores.append(mass - torch.log1p(-mass.exp().clamp(max=1 - 1e-12)))
         distributions.append(log_probs)
@@ -74,6 +84,11 @@ class RefusalDirection:
         path.with_suffix(".json").write_text(json.dumps(
             {"layer": self.layer, "position": self.position, **self.metadata}, indent=2))
 
+    @staticmethod
+    def tensors_file(path: Path) -> Path:
+        """The .safetensors file of a direction saved at `path` (the stem, or either of its two files)."""
+        return Path(path).with_suffix(".safetensors")
+
     @classmethod
     def load(cls, path: Path) -> "RefusalDirection":
         from safetensors.torch import load_file
@@ -81,7 +96,7 @@ class RefusalDirection:
         from trajalign.errors import InputError
 
         path = Path(path)
-        tensors_file, meta_file = path.with_suffix(".safetensors"), path.with_suffix(".json")
+        tensors_file, meta_file = cls.tensors_file(path), path.with_suffix(".json")
         if not tensors_file.exists() or not meta_file.exists():
             raise InputError(f"{path}: a direction needs both {tensors_file.name} and {meta_file.name}")
         tensors = load_file(str(tensors_file))
