@@ -92,8 +92,8 @@ def _position_order(episode: Episode) -> tuple:
 
 
 def summarize(episodes: list[Episode]) -> list[dict]:
-    """Per model x attack x defense x ablation x trajectory source x position: n, refusal rate (recovery on harmful prompts, over-refusal on
-    benign ones) and attack success rate, with Wilson 95% CIs."""
+    """Per model x attack x defense x ablation x trajectory source x position: n, refusal rate (recovery on
+    harmful prompts, over-refusal on benign ones) and attack success rate, with Wilson 95% CIs."""
     groups: dict[tuple, list[Episode]] = defaultdict(list)
     for episode in sorted(episodes, key=lambda e: (e.model, e.attack_kind, e.defense or "", e.ablation or "",
                                                    e.trajectory_source or "", _position_order(e))):
