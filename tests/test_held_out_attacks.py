@@ -95,6 +95,18 @@ def log_odds(tiny, context: list[int]) -> float:
     return float(mass - torch.log1p(-mass.exp()))
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-prefix", "no-shared-prefix"])
+def test_context_scores_equal_unpadded_passes(tiny, shared):
+    from trajalign.probe.direction import context_refusal_scores
+
+    prompt = tiny.chat.prompt_ids("How do plants grow?")
+    contexts = [prompt + list(range(40, 40 + length)) for length in (0, 3, 7, 1, 12)]
+    if not shared:
+        contexts.append(tiny.chat.prompt_ids("Name a colour.")[1:])
+    scores, _ = context_refusal_scores(tiny, contexts, refusal_opening_ids(tiny.chat), batch_size=2)
+    assert scores.tolist() == pytest.approx([log_odds(tiny, context) for context in contexts], abs=1e-5)
+
+
 def test_adaptive_search_keeps_its_budget_and_records_the_true_score(tiny, tmp_path, monkeypatch):
     from trajalign.probe import direction
 
