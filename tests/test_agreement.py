@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 
 import pytest
 import yaml
@@ -128,3 +129,23 @@ def test_bad_gold_files_name_row_and_field(tmp_path, line, message):
     with pytest.raises(InputError) as error:
         load_gold(path)
     assert message in str(error.value) and "gold.jsonl" in str(error.value)
+
+
+def test_gold_draw_is_stratified_split_and_blind(cli, labelled_run, tmp_path):
+    run, _ = labelled_run
+    for name in ("insert", "prefill"):
+        shutil.copytree(run, tmp_path / "study" / "evals" / "m" / name)
+    code, _, err = cli("gold-draw", tmp_path / "study", "--per-stratum", 3, "--out", tmp_path / "gold")
+    assert code == 0, err
+    items = [json.loads(line) for line in (tmp_path / "gold" / "items.jsonl").read_text().splitlines()]
+    key = [json.loads(line) for line in (tmp_path / "gold" / "key.jsonl").read_text().splitlines()]
+    assert [item["item"] for item in items] == [row["item"] for row in key]
+    assert sorted(row["stratum"] for row in key) == ["evals/m/insert"] * 3 + ["evals/m/prefill"] * 3
+    for stratum in ("evals/m/insert", "evals/m/prefill"):
+        assert sorted(row["split"] for row in key if row["stratum"] == stratum) in (["dev", "dev", "test"],
+                                                                                   ["dev", "test", "test"])
+    blind = (tmp_path / "gold" / "items.jsonl").read_text()
+    assert "verdict" not in blind and "refused" not in blind and "keyword" not in blind and str(run) not in blind
+    assert set(items[0]) == {"item", "request", "benign", "assistant_so_far", "continuation"}
+    assert all(item["continuation"] and any(text.startswith(item["continuation"]) for text in (REFUSAL, COMPLIANCE))
+               for item in items)  # the judged window of the continuation, decoded

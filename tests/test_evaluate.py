@@ -163,3 +163,21 @@ def test_records_say_what_ran(tiny, tmp_path):
     manifest = json.loads((config.out / "manifest.json").read_text())
     assert manifest["behavior_ids"] == [b.id for b in load_behaviors("advbench", limit=3)]
     assert len(manifest["trajectories_sha256"]) == 64
+
+
+def test_benign_insertion_control_splices_in_another_answer(tiny, tmp_path):
+    """Benign control: after j own tokens, a span of ANOTHER prompt's answer (the original model's) goes in."""
+    from trajalign.data.trajectories import generate_answers
+
+    behaviors = load_behaviors("jbb-benign", limit=3)
+    config = EvalConfig(model="tiny", dataset="jbb-benign", limit=3, trajectories=f"another:model:{tiny.spec}",
+                        attack=Insert(after=[2], span_lengths=[4]), max_new_tokens=6, batch_size=4,
+                        out=tmp_path / "control")
+    Evaluation(config, handle=tiny).run()
+    answers = generate_answers(tiny, behaviors, config.trajectory_tokens)
+    donors = {b.id: d.id for b, d in zip(behaviors, behaviors[1:] + behaviors[:1])}
+    for episode in episodes(config):
+        prompt = tiny.chat.prompt_ids(episode.prompt)
+        start, end = episode.injected_spans[0]
+        assert episode.context_ids[:start] == prompt + answers[episode.behavior_id][:2]
+        assert episode.context_ids[start:end] == answers[donors[episode.behavior_id]][:4]

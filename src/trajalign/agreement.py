@@ -19,6 +19,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
+from trajalign.data.datasets import is_benign
 from trajalign.errors import InputError, where
 from trajalign.evaluate import JudgeConfig
 from trajalign.judges import episode_judge_input, make_judge
@@ -40,6 +41,7 @@ class GoldLabel(BaseModel):
     stratum: str = Field(description="e.g. 'trajectory / prefill' or 'shallow / coconot-contrast'")
     refused: bool = Field(description="a refusal begins in the continuation's judged window")
     attempts_task: bool | None = Field(default=None, description="benign prompts: the answer attempts the task")
+    incoherent: bool | None = Field(default=None, description="the continuation relates to nothing in the conversation")
     note: str = Field(default="", description="the labeller's note")
     _row: int = PrivateAttr(default=0)  # where it stands in its file, for error messages
 
@@ -235,3 +237,67 @@ def agreement_markdown(result: dict) -> str:
                      f"{row['kappa']:.2f} | {kappa_low:.2f}–{kappa_high:.2f} | {row['judge_yes']} | "
                      f"{row['gold_yes']} |")
     return "\n".join(lines) + "\n"
+
+
+class GoldDraw(BaseModel):
+    """A stratified draw of episodes to hand-label: `per_stratum` from every run directory under `runs` (a
+    stratum is a run directory's path below its root, e.g. `evals/shallow/insert`), each stratum split half dev,
+    half test at random before anyone labels."""
+
+    model_config = ConfigDict(extra="forbid")
+    runs: list[Path]
+    per_stratum: int = Field(default=10, gt=1)
+    judge_window: int = Field(default=24, gt=0, description="continuation tokens the labeller reads")
+    seed: int = 0
+    out: Path = Path("gold")
+
+
+def draw_gold(config: GoldDraw, load_tokenizer=None) -> tuple[Path, Path]:
+    """Write `items.jsonl` (the blind view labellers read: prompt, the assistant turn with injected text marked,
+    the judged window of the continuation; no verdict, model or run name) and `key.jsonl` (item -> episode, run,
+    stratum, split; never shown to labellers). Returns both paths."""
+    import random
+
+    if load_tokenizer is None:
+        from trajalign.models.loading import load_tokenizer
+    rng = random.Random(config.seed)
+    drawn = []
+    for root in config.runs:
+        for file in sorted(Path(root).rglob(EPISODES_FILE)):
+            episodes = EpisodeLog(file.parent).load()
+            chosen = rng.sample(episodes, min(config.per_stratum, len(episodes)))
+            halves = (["dev", "test"] * len(chosen))[:len(chosen)]
+            rng.shuffle(halves)
+            stratum = file.parent.relative_to(root).as_posix()
+            drawn += [(episode, file.parent, stratum, split) for episode, split in zip(chosen, halves)]
+    if not drawn:
+        raise InputError(f"{', '.join(map(str, config.runs))}: no {EPISODES_FILE} to draw from")
+    rng.shuffle(drawn)  # labellers read items in an order that reveals no stratum
+    tokenizers = {}
+    items, key = [], []
+    for number, (episode, run, stratum, split) in enumerate(drawn, 1):
+        if episode.model not in tokenizers:
+            tokenizers[episode.model] = load_tokenizer(run_settings(run)["model"]).chat.decode
+        decode = tokenizers[episode.model]
+        item_id = f"item-{number:04d}"
+        items.append({"item": item_id, "request": episode.prompt, "benign": is_benign(episode.dataset),
+                      "assistant_so_far": marked_prefix(episode, decode),
+                      "continuation": decode(episode.continuation_ids[:config.judge_window])})
+        key.append({"item": item_id, "episode_id": episode.episode_id, "run": str(run), "stratum": stratum,
+                    "split": split})
+    config.out.mkdir(parents=True, exist_ok=True)
+    paths = config.out / "items.jsonl", config.out / "key.jsonl"
+    for path, rows in zip(paths, (items, key)):
+        path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return paths
+
+
+def marked_prefix(episode: Episode, decode) -> str:
+    """The assistant turn before the continuation, injected tokens between [INJECTED] and [/INJECTED]."""
+    pieces, cursor = [], episode.answer_start
+    for start, end in sorted(episode.injected_spans):
+        pieces += [decode(episode.context_ids[cursor:start]), "[INJECTED]", decode(episode.context_ids[start:end]),
+                   "[/INJECTED]"]
+        cursor = end
+    pieces.append(decode(episode.context_ids[cursor:]))
+    return "".join(pieces)

@@ -320,6 +320,21 @@ def utility_command(
     stdout.print(f"result: {utility_config.out}")
 
 
+@app.command("gold-draw")
+def gold_draw_command(
+    runs: list[Path] = typer.Argument(..., help="run directories to draw from (a reproduce directory: every eval)"),
+    per_stratum: Optional[int] = typer.Option(None, help="episodes drawn from each run directory (a stratum)"),
+    seed: Optional[int] = typer.Option(None),
+    out: Optional[Path] = typer.Option(None, help="folder for items.jsonl (blind view) and key.jsonl"),
+) -> None:
+    """Draw episodes to hand-label, stratified by run directory and split dev/test: a blind view and a key."""
+    from trajalign.agreement import GoldDraw, draw_gold
+
+    items, key = draw_gold(command_config(GoldDraw, None, {"runs": runs, "per_stratum": per_stratum, "seed": seed,
+                                                           "out": out}))
+    stdout.print(f"items to label (no verdicts): {items}; key (never show it to labellers): {key}")
+
+
 @app.command("judge-agreement")
 def judge_agreement_command(
     runs: Optional[list[Path]] = typer.Argument(None, help="run directories holding the labelled episodes"),

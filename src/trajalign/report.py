@@ -21,6 +21,7 @@ from trajalign.attack_report import (
     matrix_table,
     steps_curves,
 )
+from trajalign.data.datasets import is_benign
 from trajalign.errors import InputError, TrajalignError
 from trajalign.records import Episode
 from trajalign.runs import EPISODES_FILE, EpisodeLog
@@ -30,8 +31,6 @@ from trajalign.stats import mcnemar_exact, wilson_interval
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
 DASHES = ["-", "--", "-.", ":", "-", "--", "-."]
-BENIGN_DATASETS = {"xstest-safe", "jbb-benign", "self-instruct-seed", "self-instruct-user", "everyday-benign", "xstest",
-                   "coconot-contrast", "coconot-pref", "dolly-eval", "dolly-train"}
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
@@ -57,7 +56,7 @@ def _figure_png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
     except ImportError:
@@ -69,11 +68,11 @@ def _pyplot():
 
 
 def _harmful(episodes: list[Episode]) -> list[Episode]:
-    return [e for e in episodes if e.dataset not in BENIGN_DATASETS]
+    return [e for e in episodes if not is_benign(e.dataset)]
 
 
 def depth_figure(episodes: list[Episode]):
-    plt = _pyplot()
+    plt = pyplot()
     groups: dict[str, dict[int, list[bool]]] = defaultdict(lambda: defaultdict(list))
     for episode in _harmful(episodes):
         if episode.attack_kind == "prefill" and episode.defense is None:
@@ -97,7 +96,7 @@ def depth_figure(episodes: list[Episode]):
 
 
 def insertion_figure(episodes: list[Episode]):
-    plt = _pyplot()
+    plt = pyplot()
     cells: dict[str, dict[tuple[int, int], list[bool]]] = defaultdict(lambda: defaultdict(list))
     for episode in _harmful(episodes):
         position = episode.position
@@ -128,7 +127,7 @@ def insertion_figure(episodes: list[Episode]):
 
 def _grouped_bars(groups: dict[str, dict[str, list[bool]]], ylabel: str, rotate: bool):
     """One bar per (category, model), coloured and hatched per model."""
-    plt = _pyplot()
+    plt = pyplot()
     categories = sorted({category for by_category in groups.values() for category in by_category})
     figure, axis = plt.subplots(figsize=(max(6, 0.6 * len(categories) * len(groups)), 3.6))
     width = 0.8 / len(groups)
@@ -155,7 +154,7 @@ def decoding_figure(episodes: list[Episode]):
 def over_refusal_figure(episodes: list[Episode]):
     groups: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     for episode in episodes:
-        if episode.dataset in BENIGN_DATASETS and episode.depth == 0 and episode.attack_kind == "prefill":
+        if is_benign(episode.dataset) and episode.depth == 0 and episode.attack_kind == "prefill":
             groups[_model_name(episode.model)][episode.dataset].append(episode.refused)
     return _grouped_bars(groups, "share of benign prompts refused", rotate=False) if groups else None
 
@@ -175,7 +174,7 @@ def probe_figure(probe_dirs: list[Path], episodes: list[Episode]):
 
     from trajalign.probe.run import load_readings
 
-    plt = _pyplot()
+    plt = pyplot()
     panels = []
     for directory in probe_dirs:
         readings = {(r.behavior_id, r.depth): r for r in load_readings(directory)}
@@ -185,7 +184,7 @@ def probe_figure(probe_dirs: list[Path], episodes: list[Episode]):
         for episode in episodes:
             reading = readings.get((episode.behavior_id, episode.depth))
             if episode.attack_kind == "prefill" and _model_name(episode.model) == directory.name and reading \
-                    and episode.dataset not in BENIGN_DATASETS and direction_layer in reading.projections:
+                    and not is_benign(episode.dataset) and direction_layer in reading.projections:
                 outcomes[episode.refused][episode.depth].append(reading.projections[direction_layer])
         if outcomes:
             panels.append((directory.name, direction_layer, outcomes, _pooled_aurocs(directory)))
@@ -257,7 +256,7 @@ def between_model_figure(probe_dirs: list[Path], episodes: list[Episode]):
             profiles[directory.name] = depth_profile(readings, own, layer, shared)
     if not profiles:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
     for index, (model, rows) in enumerate(sorted(profiles.items())):
         style = dict(color=PALETTE[index % 7], marker=MARKERS[index % 7], linestyle=DASHES[index % 7], label=model)
@@ -405,7 +404,7 @@ def build_report(runs: list[Path], out_file: Path, tokenizer_spec: str | None = 
     probe_dirs = sorted({p.parent for run in runs for p in Path(run).rglob("readings.jsonl")})
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    plt = _pyplot()
+    plt = pyplot()
     figures = [("Recovery against injection depth", "recovery_by_depth", depth_figure(episodes)),
                ("Insertion attack: recovery by insertion point and span length", "insertion_heatmap",
                 insertion_figure(episodes)),

@@ -312,3 +312,9 @@ def write_behaviors(path: Path, behaviors: list[Behavior]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(b.model_dump_json(exclude_none=True) + "\n" for b in behaviors), encoding="utf-8")
     return path
+
+
+def is_benign(dataset: str) -> bool:
+    """Whether a dataset holds prompts that should be answered: a bundled benign set (user files count as harmful,
+    the study's default)."""
+    return dataset in BUNDLED and not BUNDLED[dataset].harmful

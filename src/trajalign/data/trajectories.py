@@ -125,14 +125,24 @@ def _source_model(spec: str, target, loaded: dict | None):
 def load_trajectories(source: str, behaviors: list[Behavior], target, max_tokens: int = 48,
                       batch_size: int = 16, cache_dir: Path | None = None, loaded: dict | None = None,
                       progress=None, backend=None) -> dict[str, Trajectory]:
-    """Resolve `model:SPEC` (greedy), `model:SPEC@T=1` (sampled), `column:NAME` or `target` into trajectories in
-    the target model's tokens.
+    """Resolve `model:SPEC` (greedy), `model:SPEC@T=1` (sampled), `column:NAME`, `target` or `another:SOURCE` into
+    trajectories in the target model's tokens. `another:SOURCE` gives each behavior the SOURCE trajectory of the
+    next behavior in `behaviors` (the last one the first's): a span from another answer, as a benign insertion
+    control splices in.
 
     `target` is the evaluated model's handle (a TokenizerHandle is enough) and `backend` the backend that runs it:
     `model:SPEC` naming the target generates there (on a server, if that is the backend); another SPEC is loaded
     locally. A source model must share the target's tokenizer: its ids are then used as they are, never
     re-tokenized.
     """
+    if source.startswith("another:"):
+        if len(behaviors) < 2:
+            raise InputError(f"trajectories '{source}': another behavior's trajectory needs at least two behaviors")
+        inner = load_trajectories(source.split(":", 1)[1], behaviors, target, max_tokens, batch_size, cache_dir,
+                                  loaded, progress, backend)
+        donors = behaviors[1:] + behaviors[:1]
+        return {behavior.id: Trajectory(behavior_id=behavior.id, source=source, token_ids=inner[donor.id].token_ids)
+                for behavior, donor in zip(behaviors, donors)}
     if source == "target":
         return _from_text(behaviors, "target", target, source)
     if source.startswith("column:"):
@@ -145,4 +155,5 @@ def load_trajectories(source: str, behaviors: list[Behavior], target, max_tokens
         answers = generate_answers(handle, behaviors, max_tokens, batch_size, cache_dir, progress, runner, sampling)
         return {behavior.id: Trajectory(behavior_id=behavior.id, source=source, token_ids=answers[behavior.id])
                 for behavior in behaviors}
-    raise InputError(f"trajectories '{source}': use model:SPEC, model:SPEC@T=1 (sampled), column:NAME or target")
+    raise InputError(f"trajectories '{source}': use model:SPEC, model:SPEC@T=1 (sampled), column:NAME, target or "
+                     f"another:SOURCE")
