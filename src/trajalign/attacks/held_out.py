@@ -31,8 +31,8 @@ def held_out_attacks(preset: str, train_behaviors: Path | None = None, original:
     """name -> held-out attack for the `quick`, `full` or `compare` preset.
 
     `train_behaviors` (a behaviors file of the study's training split) is what fine-tuning attacks train harmful
-    SFT on; without it they are left out. `foreign_model` (a model sharing the original's tokenizer) adds a
-    prefill of its greedy answers.
+    SFT on; without it they are left out. They attack aligned models: the original, unaligned, has nothing to
+    lose. `foreign_model` (a model sharing the original's tokenizer) adds a prefill of its greedy answers.
     """
     greedy = f"model:{original}"
     attacks = {"random-insert": HeldOutAttack(
@@ -47,7 +47,9 @@ def held_out_attacks(preset: str, train_behaviors: Path | None = None, original:
                                          note="AdvBench's 'Sure, here is ...' target as the prefill"),
         "prefill-sampled": HeldOutAttack(attack=Prefill(depths=[5, 10, 20, 40]), trajectories=f"{greedy}@T=1",
                                          note="a sampled (T=1, seeded) answer of the original model"),
-        "adaptive": HeldOutAttack(attack=Adaptive(budgets=[8, 32, 128]), trajectories=greedy,
+        # the search costs ~0.14 s of CPU per query on the embedded model (benchmarks/attack_cost.py): a budget
+        # of 32 is ~3 minutes per model on 40 behaviors, 128 is ~12
+        "adaptive": HeldOutAttack(attack=Adaptive(budgets=[4, 8, 16, 32]), trajectories=greedy,
                                   note="white-box search of the insertion that most lowers the refusal onset"),
         "ablation": HeldOutAttack(attack=Prefill(depths=[0, 10, 20]), trajectories=greedy, ablate=True,
                                   note="the model's refusal direction projected out at every layer, with and "
