@@ -73,7 +73,7 @@ def test_what_each_attack_needs():
 
 
 def test_registry_and_unions_round_trip_every_attack():
-    assert set(ATTACKS) == {"prefill", "insert", "multi-insert", "decoding"}
+    assert set(ATTACKS) == {"prefill", "insert", "multi-insert", "decoding", "random-insert", "adaptive", "finetune"}
     for name, cls in ATTACKS.items():
         attack = TypeAdapter(Attack).validate_python({"kind": name})
         assert type(attack) is cls

@@ -171,7 +171,15 @@ def eval_command(
     after: Optional[str] = typer.Option(None, help="insert: own tokens before the insertion, e.g. 8,16"),
     span_lengths: Optional[str] = typer.Option(None, help="insert: inserted trajectory tokens, e.g. 10"),
     span_text: Optional[str] = typer.Option(None, help="insert: this text instead of trajectory tokens"),
+    insertions: Optional[int] = typer.Option(None, help="random-insert: spans spliced into each answer"),
+    samples: Optional[int] = typer.Option(None, help="random-insert, decoding: episodes per behavior, each seeded"),
+    budgets: Optional[str] = typer.Option(None, help="adaptive: query budgets verified, e.g. 8,32,128"),
+    steps: Optional[str] = typer.Option(None, help="finetune: fine-tuning steps k, e.g. 5,20,50"),
+    finetune_data: Optional[str] = typer.Option(None, help="finetune: harmful | benign SFT"),
+    train_dataset: Optional[str] = typer.Option(None, help="finetune: training prompts (never evaluated ones)"),
     defense: bool = typer.Option(False, "--defense", help="re-inject the assistant header after injections"),
+    ablate: Optional[Path] = typer.Option(None, help="project this refusal direction (from `trajalign probe`) out "
+                                                     "of the residual stream while attacking"),
     trajectories: TrajectorySource = None,
     max_new_tokens: Optional[int] = typer.Option(None, help="continuation length"),
     backend: Optional[str] = typer.Option(None, help="hf | openai"),
@@ -187,11 +195,15 @@ def eval_command(
 
     attack_options = {"kind": attack, "depths": parse_int_list(depths, "--depths"),
                       "after": parse_int_list(after, "--after"),
-                      "span_lengths": parse_int_list(span_lengths, "--span-lengths"), "span_text": span_text}
+                      "span_lengths": parse_int_list(span_lengths, "--span-lengths"), "span_text": span_text,
+                      "insertions": insertions, "samples": samples, "budgets": parse_int_list(budgets, "--budgets"),
+                      "steps": parse_int_list(steps, "--steps"), "data": finetune_data,
+                      "train_dataset": train_dataset}
     eval_config = command_config(EvalConfig, config, {
         "model": model, "dataset": dataset, "limit": limit, "trajectories": trajectories,
         "max_new_tokens": max_new_tokens, "backend": backend, "batch_size": batch_size, "out": out,
         "attack": attack_options, "defense": {"kind": "reinject-header"} if defense else None,
+        "ablate": {"direction": ablate} if ablate else None,
         "backend_options": {"base_url": base_url, "served_model": served_model},
         **security_options(trust_remote_code, allow_pickle)}, defaults={"attack": {"kind": "prefill"}})
     with display(quiet).stage("eval") as progress:

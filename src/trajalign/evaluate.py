@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from contextlib import nullcontext
+from itertools import groupby
 from pathlib import Path
 from typing import Callable
 
@@ -17,7 +19,7 @@ from trajalign.data.datasets import Behavior, ColumnMap, load_behaviors
 from trajalign.data.trajectories import Trajectory, load_trajectories
 from trajalign.errors import InputError
 from trajalign.judges import KeywordJudge, episode_judge_input, make_judge
-from trajalign.models.loading import ModelSpec, TokenizerHandle
+from trajalign.models.loading import ModelSpec, TokenizerHandle, load_model
 from trajalign.models.registry import DEFAULT_MODEL
 from trajalign.records import Episode
 from trajalign.runs import EpisodeLog, pin_in_manifest, write_config, write_summary
@@ -27,6 +29,34 @@ class JudgeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = "keyword"
     options: dict = Field(default_factory=dict, description="passed to the judge (path, base_url, model, ...)")
+
+
+class AblationConfig(BaseModel):
+    """Refusal-direction ablation at inference ("abliteration"): the direction is projected out of the residual
+    stream at every block's input and output, at every position, while the attack plans and the model generates."""
+
+    model_config = ConfigDict(extra="forbid")
+    direction: Path = Field(description="a saved refusal direction: the .safetensors/.json pair `trajalign probe` "
+                                        "writes (give either file or their common stem)")
+
+    def fingerprint(self) -> str:
+        """The direction file's content hash: episode keys follow the direction, not where its file lies."""
+        from trajalign.probe.direction import RefusalDirection
+
+        RefusalDirection.load(self.direction)  # a missing or partial pair is an input error here, before any work
+        return hashlib.sha256(RefusalDirection.tensors_file(self.direction).read_bytes()).hexdigest()[:16]
+
+    def hooks(self, handle):
+        """The context in which `handle`'s model runs with the direction projected out."""
+        from trajalign.probe.direction import RefusalDirection
+        from trajalign.probe.hooks import ablate_direction
+
+        direction = RefusalDirection.load(self.direction).direction
+        hidden = handle.model.get_input_embeddings().weight.shape[1]
+        if direction.shape != (hidden,):
+            raise InputError(f"{self.direction}: a direction of size {direction.shape[0]}, but the model's residual "
+                             f"stream has size {hidden}")
+        return ablate_direction(handle.model, direction)
 
 
 class EvalConfig(ModelSpec):
@@ -39,6 +69,8 @@ class EvalConfig(ModelSpec):
     trajectory_tokens: int = Field(default=48, gt=0, description="length of model trajectories")
     attack: Attack = Field(default_factory=Prefill)
     defense: ReinjectHeader | None = None
+    ablate: AblationConfig | None = Field(default=None, description="project a refusal direction out of the "
+                                          "residual stream while attacking (any attack; hf backend)")
     max_new_tokens: int = Field(default=64, gt=0)
     judge_window: int = Field(default=24, gt=0, description="continuation tokens in which a refusal must begin")
     judges: list[JudgeConfig] = Field(default_factory=lambda: [JudgeConfig()])
@@ -49,10 +81,13 @@ class EvalConfig(ModelSpec):
     out: Path = Path("runs/eval")
 
 
-def episode_key(model: str, behavior_id: str, attack: BaseModel, defense, position: BasePosition) -> str:
-    payload = json.dumps([model, behavior_id, attack.model_dump(), defense and defense.kind, position.label,
-                          position.sample])
-    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+def episode_key(model: str, behavior_id: str, attack: BaseModel, defense, position: BasePosition,
+                ablation: str | None = None) -> str:
+    """`ablation` (the direction's fingerprint) joins the key only when set: keys of older runs stay as they were."""
+    payload = [model, behavior_id, attack.model_dump(), defense and defense.kind, position.label, position.sample]
+    if ablation is not None:
+        payload.append(ablation)
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:20]
 
 
 def trajectories_sha256(behaviors: list[Behavior], trajectories: dict[str, Trajectory]) -> str:
@@ -71,7 +106,11 @@ class Evaluation:
         if config.defense is not None and not config.attack.accepts_defense:
             raise InputError(f"the {config.defense.kind} defense acts after injections; the {config.attack.kind} "
                              f"attack injects nothing")
+        if config.ablate is not None and not backend_class(config.backend).needs_weights:
+            raise InputError(f"ablate: projecting a direction out needs the model's weights; the {config.backend} "
+                             f"backend has none (use the hf backend)")
         self.config = config
+        self._ablation_key = config.ablate.fingerprint() if config.ablate else None
         self._handle = handle
         self._trajectories = trajectories
         self._behaviors = behaviors
@@ -96,7 +135,8 @@ class Evaluation:
         return make_backend(self.config.backend, self.handle, **options)
 
     def key(self, behavior: Behavior, position: BasePosition) -> str:
-        return episode_key(self.config.model, behavior.id, self.config.attack, self.config.defense, position)
+        return episode_key(self.config.model, behavior.id, self.config.attack, self.config.defense, position,
+                           self._ablation_key)
 
     def run(self, progress: Callable[[int, int], None] | None = None) -> dict:
         config, attack = self.config, self.config.attack
@@ -119,23 +159,38 @@ class Evaluation:
                   f"counted in summary.json as skipped_short_trajectory", file=sys.stderr)
         pending = [(b, t) for b, t in pairs if any(self.key(b, p) not in done for p in attack.positions(b, t))]
         context = PlanningContext(chat=handle.chat, backend=backend, key=self.key, max_new_tokens=config.max_new_tokens,
-                                  defense_ids=config.defense.injected_after(handle.chat) if config.defense else [])
-        planned = [episode for episode in attack.plan(pending, context) if episode.key not in done] if pending else []
+                                  defense_ids=config.defense.injected_after(handle.chat) if config.defense else [],
+                                  handle=handle, workdir=config.out, model_spec=config.model)
+        with self._ablation(handle):
+            planned = [episode for episode in attack.plan(pending, context) if episode.key not in done] \
+                if pending else []
         self._check_window(planned)
         by_key = {episode.key: episode for episode in planned}
         judges = self._judges()
         finished = len(expected) - len(planned)
         if progress:
             progress(finished, len(expected))
-        for results in backend.generate([episode.request for episode in planned]):
-            episodes = [self._episode(by_key[result.key], result) for result in results]
-            self._judge(episodes, judges)
-            log.append(episodes)
-            finished += len(episodes)
-            if progress:
-                progress(finished, len(expected))
+        for derived, group in groupby(sorted(planned, key=lambda e: e.model or ""), key=lambda e: e.model):
+            runner_handle, runner = (handle, backend) if derived is None else self._derived(derived)
+            with self._ablation(runner_handle):
+                for results in runner.generate([episode.request for episode in group]):
+                    episodes = [self._episode(by_key[result.key], result, trajectories) for result in results]
+                    self._judge(episodes, judges)
+                    log.append(episodes)
+                    finished += len(episodes)
+                    if progress:
+                        progress(finished, len(expected))
         episodes = [episode for episode in log.load() if episode.episode_id in expected]
         return write_summary(config.out, episodes, {"skipped_short_trajectory": skipped})
+
+    def _ablation(self, handle):
+        return self.config.ablate.hooks(handle) if self.config.ablate else nullcontext()
+
+    def _derived(self, spec: str):
+        """A model an attack derived from the evaluated one (e.g. fine-tuned), loaded as the evaluated one was,
+        and an hf backend that runs it."""
+        handle = load_model(spec, dtype=self.config.dtype, device=self.config.device)
+        return handle, make_backend("hf", handle, batch_size=self.config.batch_size)
 
     def _columns(self) -> ColumnMap:
         """`column:NAME` trajectories read NAME as each behavior's reference answer."""
@@ -159,12 +214,16 @@ class Evaluation:
                 raise InputError(f"dataset '{episode.behavior.dataset}' behavior '{episode.behavior.id}': context "
                                  f"plus continuation need {needed} tokens, over the model's window of {window}")
 
-    def _episode(self, planned: PlannedEpisode, result: GenerationResult) -> Episode:
+    def _episode(self, planned: PlannedEpisode, result: GenerationResult,
+                 trajectories: dict[str, Trajectory]) -> Episode:
+        config = self.config
         return Episode(
-            episode_id=planned.key, model=self.config.model, behavior_id=planned.behavior.id,
-            dataset=planned.behavior.dataset, prompt=planned.behavior.prompt, attack=self.config.attack,
+            episode_id=planned.key, model=config.model, behavior_id=planned.behavior.id,
+            dataset=planned.behavior.dataset, prompt=planned.behavior.prompt, attack=config.attack,
             position=planned.position, depth=planned.depth,
-            defense=self.config.defense.kind if self.config.defense else None,
+            defense=config.defense.kind if config.defense else None,
+            trajectory_source=trajectories[planned.behavior.id].source if config.attack.needs_trajectories() else None,
+            ablation=str(config.ablate.direction) if config.ablate else None,
             context_ids=planned.request.context, answer_start=planned.answer_start,
             injected_spans=planned.injected_spans, continuation_ids=result.continuation_ids,
             continuation_text=self.handle.chat.decode(result.continuation_ids), finish_reason=result.finish_reason,

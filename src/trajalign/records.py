@@ -31,6 +31,11 @@ class Episode(BaseModel):
     position: Position
     depth: int | None = Field(default=None, description="assistant tokens before the continuation")
     defense: str | None = None
+    trajectory_source: str | None = Field(default=None, description="where the injected trajectory came from "
+                                          "(model:SPEC, model:SPEC@T=1, target, column:NAME); None where the "
+                                          "attack injects none, and in records written before it was kept")
+    ablation: str | None = Field(default=None, description="the refusal direction projected out of the residual "
+                                 "stream while the model ran (its file); None: no ablation")
     context_ids: list[int]
     answer_start: int = Field(description="index in context_ids where the assistant turn begins")
     injected_spans: list[tuple[int, int]] = Field(

@@ -13,6 +13,14 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from trajalign.attack_report import (
+    attack_matrix,
+    budget_curves,
+    curve_figure,
+    matrix_figure,
+    matrix_table,
+    steps_curves,
+)
 from trajalign.data.datasets import is_benign
 from trajalign.errors import InputError, TrajalignError
 from trajalign.headline import Cell, Headline, from_summary, tables
@@ -363,6 +371,20 @@ def rate_table(episodes: list[Episode]) -> list[dict]:
     return rows
 
 
+def held_out_figures(harmful: list[Episode], plt) -> list[tuple]:
+    """The attacks x models heatmap, the adaptive search's budget-success curve and recovery against fine-tuning
+    steps: (title, file name, figure or None)."""
+    style = (plt, PALETTE, MARKERS, DASHES)
+    return [("Attacks × models: recovery with Wilson 95% intervals", "attacks_by_models",
+             matrix_figure(attack_matrix(harmful), plt)),
+            ("Adaptive search: attack success against the query budget per behavior", "budget_success",
+             curve_figure(budget_curves(harmful), "budget", "queries per behavior (b)",
+                          "attack success (best of first b, verified)", *style, log_x=True)),
+            ("Fine-tuning durability: recovery against fine-tuning steps", "recovery_by_finetune_steps",
+             curve_figure(steps_curves(harmful), "steps", "fine-tuning steps k",
+                          "recovery rate, prefill depths ≥ 1 pooled", *style))]
+
+
 def _marked_answer(episode: Episode, decode) -> str:
     """The assistant turn with injected spans in <mark>, the continuation in <ins>; every piece escaped."""
     pieces, cursor = [], episode.answer_start
@@ -434,7 +456,8 @@ def build_report(runs: list[Path], out_file: Path, tokenizer_spec: str | None = 
                 probe_figure(probe_dirs, episodes)),
                ("Between models: projection on the original model's refusal direction beside recovery",
                 "between_models", between_model_figure(probe_dirs, episodes)),
-               ("Over-refusal on benign prompts", "over_refusal", over_refusal_figure(episodes))]
+               ("Over-refusal on benign prompts", "over_refusal", over_refusal_figure(episodes)),
+               *held_out_figures(_harmful(episodes), plt)]
     sections = []
     for title, name, figure in figures:
         if figure is None:
@@ -470,6 +493,11 @@ def build_report(runs: list[Path], out_file: Path, tokenizer_spec: str | None = 
             "not-recovered episodes enter; 95% CI: episodes resampled within their depth), beside the AUROC pooled "
             "over depths k ≥ 1, where depth itself can predict both score and recovery, and depth 0 apart.</p>"
             + _table(headers, [[html.escape(cell) for cell in row] for row in cells]))
+    matrix = attack_matrix(_harmful(episodes))
+    if matrix:
+        headers, cells = matrix_table(matrix)
+        sections.append("<h2>Attacks × models: recovery on harmful prompts [Wilson 95% CI]</h2>"
+                        + _table(headers, [[html.escape(cell) for cell in row] for row in cells]))
     sections.append("<h2>Example episodes</h2><p><mark>injected</mark> · <ins>model continuation</ins></p>"
                     + example_html(episodes, decode))
     page = (f"<!doctype html><html><head><meta charset='utf-8'>"
@@ -479,6 +507,13 @@ def build_report(runs: list[Path], out_file: Path, tokenizer_spec: str | None = 
             + "\n".join(sections) + "</body></html>")
     out_file.write_text(page, encoding="utf-8")
     _write_markdown(out_file.parent / "summary.md", rates, comparisons)
+    if matrix:
+        headers, cells = matrix_table(matrix)
+        with open(out_file.parent / "summary.md", "a", encoding="utf-8") as file:
+            file.write("\nAttacks x models: recovery on harmful prompts [Wilson 95% CI]\n\n"
+                       + "\n".join(["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+                                   + ["| " + " | ".join(_md_cell(cell) for cell in row) + " |" for row in cells])
+                       + "\n")
     if within_depth:
         headers, cells = within_depth_table(within_depth)
         with open(out_file.parent / "summary.md", "a", encoding="utf-8") as file:

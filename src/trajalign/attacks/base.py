@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -13,6 +16,7 @@ from trajalign.data.trajectories import Trajectory
 
 if TYPE_CHECKING:
     from trajalign.models.chat import ChatFormat
+    from trajalign.models.loading import TokenizerHandle
 
 
 class BasePosition(BaseModel):
@@ -40,18 +44,24 @@ class PlannedEpisode:
     request: GenerationRequest
     answer_start: int
     injected_spans: list[tuple[int, int]]
+    model: str | None = None  # a model the attack derived from the evaluated one (fine-tuned) that runs this
 
 
 @dataclass
 class PlanningContext:
     """What an attack plans with: the chat format, the backend (for the model's own tokens), the episode keys,
-    the tokens a defense appends after every injection, and the continuation length."""
+    the tokens a defense appends after every injection, and the continuation length. White-box attacks read the
+    evaluated model through `handle` (a ModelHandle where the backend runs the weights locally); attacks that
+    prepare something (a fine-tuned model) keep it under `workdir`, the run directory."""
 
     chat: ChatFormat
     backend: Backend
     key: Callable[[Behavior, BasePosition], str]
     defense_ids: list[int] = field(default_factory=list)
     max_new_tokens: int = 64
+    handle: TokenizerHandle | None = None
+    workdir: Path | None = None
+    model_spec: str | None = None  # the evaluated model's spec, for attacks that derive models from it
 
     def episode(self, behavior: Behavior, position: BasePosition, trunk: list[int], branch: int, depth: int,
                 answer_start: int, injected_spans: list[tuple[int, int]], suffix: list[int] | None = None,
@@ -68,6 +78,13 @@ class PlanningContext:
         requests = [GenerationRequest(key=key, trunk=ids, branch=len(ids), max_new_tokens=max_new_tokens)
                     for key, ids in contexts.items()]
         return {result.key: result.continuation_ids for batch in self.backend.generate(requests) for result in batch}
+
+
+def seeded_rng(*parts: object) -> random.Random:
+    """A random generator seeded by `parts` alone (e.g. attack seed, behavior id, sample): the same draws in any
+    batch, on any model and on resume."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()
+    return random.Random(int(digest[:16], 16))
 
 
 class BaseAttack(BaseModel):
@@ -95,6 +112,11 @@ class BaseAttack(BaseModel):
         """The positions `behavior` yields with `trajectory`, in planning order, without generating anything."""
         return [position for position in self.grid(behavior)
                 if self.tokens_needed(position) <= len(trajectory.token_ids)]
+
+    def headline(self, position: BasePosition) -> str | None:
+        """The row of the attacks x models table this position's episodes count in ('' for the attack's one row;
+        None leaves them out, e.g. the smaller budgets of a search)."""
+        return ""
 
     def check(self, trajectories: list[Trajectory]) -> None:
         """Raise an InputError for settings no trajectory can serve."""

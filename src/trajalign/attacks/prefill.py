@@ -41,6 +41,9 @@ class Prefill(BaseAttack):
     def tokens_needed(self, position: PrefillPosition) -> int:
         return position.depth
 
+    def headline(self, position: PrefillPosition) -> str:
+        return "k=0" if position.depth == 0 else "k>=1"
+
     def check(self, trajectories: list[Trajectory]) -> None:
         longest = max(len(trajectory.token_ids) for trajectory in trajectories)
         for depth in self.depths:

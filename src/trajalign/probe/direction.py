@@ -39,24 +39,58 @@ def mean_activations(handle, prompts: list[str], batch_size: int = 16) -> torch.
     return total / len(prompts)
 
 
-@torch.inference_mode()
 def refusal_scores(handle, prompts: list[str], opening_ids: list[int],
                    batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Per prompt: log-odds that the answer opens with a refusal token, log p / (1 - p), p = their mass; and the
     next-token log-distribution at the answer start ([prompts, vocab])."""
+    return context_refusal_scores(handle, [handle.chat.prompt_ids(prompt) for prompt in prompts], opening_ids,
+                                  batch_size)
+
+
+@torch.inference_mode()
+def context_refusal_scores(handle, contexts: list[list[int]], opening_ids: list[int],
+                           batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per context (token ids): log-odds that the next token opens a refusal, and the next-token log-distribution
+    ([contexts, vocab]). One teacher-forced pass per batch, right-padded, so every position id is as unpadded;
+    the prefix all contexts share (a prompt, say) is run once and its keys and values reused by every batch."""
+    from trajalign.backends import kv_cache
+
+    shared = _shared_prefix(contexts)
+    prefix_layers = None
+    if shared:
+        output = handle.model(input_ids=torch.tensor([contexts[0][:shared]], device=handle.device), use_cache=True,
+                              logits_to_keep=1)
+        prefix_layers = [(layer.keys, layer.values) for layer in kv_cache.output_cache(output).layers]
     scores, distributions = [], []
-    for batch in batches([handle.chat.prompt_ids(prompt) for prompt in prompts], batch_size):
-        input_ids, attention_mask = pad_right(batch, handle.tokenizer.pad_token_id, handle.device)
-        # The LM head runs only at the positions some row ends at, not over every prompt token.
-        kept, column = torch.tensor([len(ids) - 1 for ids in batch]).unique(return_inverse=True)
-        logits = handle.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                              logits_to_keep=kept.to(handle.device)).logits
-        last = logits[torch.arange(len(batch)), column.to(handle.device)].double()
-        log_probs = last.log_softmax(-1)
+    for batch in batches(contexts, batch_size):
+        tails = [ids[shared:] for ids in batch]
+        input_ids, attention_mask = pad_right(tails, handle.tokenizer.pad_token_id, handle.device)
+        ends = sorted({len(ids) - 1 for ids in tails})  # logits only where some row ends: not [batch, seq, vocab]
+        inputs = {"input_ids": input_ids, "use_cache": shared > 0,
+                  "logits_to_keep": torch.tensor(ends, device=handle.device)}
+        if shared:
+            layers = [(keys.expand(len(batch), -1, -1, -1), values.expand(len(batch), -1, -1, -1))
+                      for keys, values in prefix_layers]
+            inputs[kv_cache.cache_keyword(handle.model)] = kv_cache.from_layers(layers, handle.model.config)
+            inputs["position_ids"] = (shared + torch.arange(input_ids.shape[1], device=handle.device)).expand(
+                len(batch), -1)
+            attention_mask = torch.cat([attention_mask.new_ones((len(batch), shared)), attention_mask], dim=1)
+        logits = handle.model(attention_mask=attention_mask, **inputs).logits
+        columns = torch.tensor([ends.index(len(ids) - 1) for ids in tails])
+        log_probs = logits[torch.arange(len(batch)), columns].double().log_softmax(-1)
         mass = log_probs[:, opening_ids].logsumexp(-1)
         scores.append(mass - torch.log1p(-mass.exp().clamp(max=1 - 1e-12)))
         distributions.append(log_probs)
     return torch.cat(scores), torch.cat(distributions)
+
+
+def _shared_prefix(contexts: list[list[int]]) -> int:
+    """Tokens at the start of every context, less one: each context keeps a last token to read the logits at."""
+    shortest = min(len(ids) for ids in contexts) - 1
+    length = 0
+    while length < shortest and all(ids[length] == contexts[0][length] for ids in contexts):
+        length += 1
+    return length
 
 
 @dataclass
@@ -77,6 +111,11 @@ class RefusalDirection:
         path.with_suffix(".json").write_text(json.dumps(
             {"layer": self.layer, "position": self.position, **self.metadata}, indent=2))
 
+    @staticmethod
+    def tensors_file(path: Path) -> Path:
+        """The .safetensors file of a direction saved at `path` (the stem, or either of its two files)."""
+        return Path(path).with_suffix(".safetensors")
+
     @classmethod
     def load(cls, path: Path) -> "RefusalDirection":
         from safetensors.torch import load_file
@@ -84,7 +123,7 @@ class RefusalDirection:
         from trajalign.errors import InputError
 
         path = Path(path)
-        tensors_file, meta_file = path.with_suffix(".safetensors"), path.with_suffix(".json")
+        tensors_file, meta_file = cls.tensors_file(path), path.with_suffix(".json")
         if not tensors_file.exists() or not meta_file.exists():
             raise InputError(f"{path}: a direction needs both {tensors_file.name} and {meta_file.name}")
         tensors = load_file(str(tensors_file))

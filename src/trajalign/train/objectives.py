@@ -60,9 +60,11 @@ class PrefixConstrained(Objective):
 
 def objective_for(recipe: str) -> Objective:
     from trajalign.train.ablation_training import RefusalAblation
+    from trajalign.train.attack_sft import BenignSFT, HarmfulSFT
     from trajalign.train.backtracking import Backtracking
     from trajalign.train.rerouting import Rerouting
 
     comparators = {"prefix-constrained": PrefixConstrained, "circuit-breaker": Rerouting,
-                   "refusal-ablation": RefusalAblation, "backtracking": Backtracking}
+                   "refusal-ablation": RefusalAblation, "backtracking": Backtracking,
+                   "harmful-sft": HarmfulSFT, "benign-sft": BenignSFT}
     return comparators.get(recipe, Objective)()

@@ -121,7 +121,7 @@ def train_preference(settings: PreferenceSettings, model, tokenizer, pairs: list
         gradient_accumulation_steps=max(1, batch_size // micro_batch), lr_scheduler_type="linear",
         warmup_steps=0, weight_decay=0.0, logging_steps=1, save_strategy="steps", save_steps=save_steps,
         save_total_limit=1, report_to=[], seed=seed, data_seed=seed, use_cpu=not on_gpu, bf16=bf16,
-        max_length=None, gradient_checkpointing=False, dataloader_num_workers=0, disable_tqdm=not is_main,
+        max_length=None, activation_checkpointing=False, dataloader_num_workers=0, disable_tqdm=not is_main,
         ddp_find_unused_parameters=False,
     )
     dataset = Dataset.from_list([pair.model_dump(include=set(PAIR_COLUMNS)) for pair in pairs])

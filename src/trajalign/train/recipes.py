@@ -14,7 +14,8 @@ from trajalign.train.comparators import AblationSettings, BacktrackingSettings, 
 IGNORE = -100
 
 RecipeName = Literal["refusal-sft", "prefix-recovery", "insertion-recovery", "rto", "trajectory",
-                     "prefix-constrained", "circuit-breaker", "refusal-ablation", "backtracking"]
+                     "prefix-constrained", "circuit-breaker", "refusal-ablation", "backtracking",
+                     "harmful-sft", "benign-sft"]
 RECIPES = get_args(RecipeName)
 BENIGN_KINDS = frozenset({"anchor", "benign-prefix", "benign-insertion", "on-policy-anchor"})  # carry on
 MAX_OWN_TOKENS = 8  # insertions: own tokens before the span, uniform in [1, this]

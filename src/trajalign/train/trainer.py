@@ -66,6 +66,10 @@ class TrainConfig(ModelSpec):
     rounds: int = Field(default=1, gt=0, description="on-policy rounds: attack, add the failures, train again")
     learning_rate: float = Field(default=5e-5, gt=0)
     epochs: float = Field(default=2.0, gt=0)
+    max_steps: int | None = Field(default=None, gt=0, description="stop after this many optimizer steps (epochs "
+                                  "repeat as needed); unset: the epochs decide")
+    save_models_at: list[int] = Field(default=[], description="also save the model as it is after each of these "
+                                      "optimizer steps, at out/step-N (the last step's model is out itself)")
     batch_size: int = Field(default=16, gt=0, description="rows per optimizer step")
     micro_batch_size: int = Field(default=2, gt=0, description="rows per forward pass: a step's rows go through in "
                                   "passes of this many, gradients summed: the same update with less memory and less "
@@ -339,7 +343,8 @@ def _fine_tune(config: TrainConfig, handle, rows: list[TrainingRow], out: Path, 
         output_dir=str(out / "checkpoints"), num_train_epochs=config.epochs,
         per_device_train_batch_size=micro_batch,
         gradient_accumulation_steps=config.gradient_accumulation * config.batch_size // micro_batch,
-        learning_rate=config.learning_rate, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
+        max_steps=config.max_steps or -1, learning_rate=config.learning_rate, lr_scheduler_type="linear",
+        warmup_steps=0, weight_decay=0.0,
         logging_steps=1, save_strategy="steps", save_steps=config.save_steps, save_total_limit=1,
         report_to=[], seed=config.seed, data_seed=config.seed, use_cpu=not on_gpu,
         bf16=on_gpu and config.dtype == "bfloat16",
@@ -352,7 +357,8 @@ def _fine_tune(config: TrainConfig, handle, rows: list[TrainingRow], out: Path, 
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=dataset, processing_class=handle.tokenizer,
         data_collator=lambda batch: {**collate(batch, pad_id), **objective.batch_columns(batch)},
-        callbacks=objective.callbacks(out / "checkpoints"), objective=objective, reference_model=reference,
+        callbacks=objective.callbacks(out / "checkpoints") + _snapshots(config, handle, out),
+        objective=objective, reference_model=reference,
         constrained=config.constrained, kl_weight=config.kl_weight,
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict on stdout
@@ -360,6 +366,36 @@ def _fine_tune(config: TrainConfig, handle, rows: list[TrainingRow], out: Path, 
     trainer.train(resume_from_checkpoint=_last_checkpoint(out / "checkpoints"))
     if trainer.is_world_process_zero():
         _finish(trainer, handle, config, out, {"rows": len(rows)})
+
+
+def model_at_step(out: Path, step: int, last_step: int) -> Path:
+    """Where `save_models_at` keeps the model after `step` optimizer steps of a run whose last step is
+    `last_step` (that one is the run's own model)."""
+    return Path(out) if step == last_step else Path(out) / f"step-{step}"
+
+
+def _snapshots(config: TrainConfig, handle, out: Path) -> list:
+    """A callback saving the model after each step in `save_models_at`, written whole and renamed (a killed run
+    never leaves half a model; a resumed one saves those it had not reached)."""
+    if not config.save_models_at:
+        return []
+    from transformers import TrainerCallback
+
+    class Snapshots(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            step = state.global_step
+            target = model_at_step(out, step, state.max_steps)
+            if step not in config.save_models_at or target == out or not state.is_world_process_zero \
+                    or (target / DONE_MARKER).exists():
+                return
+            partial = target.with_name(f"{target.name}.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            _save(copy.deepcopy(model) if config.lora else model, handle, config, partial)
+            (partial / DONE_MARKER).write_text(json.dumps({"steps": step}))
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(partial, target)
+
+    return [Snapshots()]
 
 
 def _prefer(config: TrainConfig, handle, materials: Materials, sft_out: Path, is_main: bool) -> None:
