@@ -29,16 +29,18 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from trajalign.attacks import Decoding, Insert, Prefill
+from trajalign.attacks.held_out import held_out_attacks
 from trajalign.console import Display, LineDisplay
-from trajalign.data.datasets import Behavior, load_behaviors, write_behaviors
+from trajalign.data.datasets import Behavior, is_benign, load_behaviors, write_behaviors
 from trajalign.data.trajectories import Trajectory, load_trajectories
 from trajalign.errors import InputError
-from trajalign.evaluate import EvalConfig, Evaluation, JudgeConfig
+from trajalign.evaluate import AblationConfig, EvalConfig, Evaluation, JudgeConfig
 from trajalign.headline import BENIGN_INSERT, BENIGN_SWEEP, HARMFUL_INSERT, HARMFUL_SWEEP, from_summary, markdown
 from trajalign.models.loading import load_model
 from trajalign.models.registry import DEFAULT_MODEL
 from trajalign.probe.run import ProbeConfig, run_probe
 from trajalign.requirements import require
+from trajalign.runs import EPISODES_FILE, EpisodeLog
 from trajalign.train.iteration import RoundAttacks, final_model_dir, run_rounds
 from trajalign.train.preference import PreferenceSettings
 from trajalign.train.recipes import RecipeConfig
@@ -80,6 +82,8 @@ class Preset(BaseModel):
     direction_prompts: int = 16
     layer_step: int = 6
     steering_prompts: int = Field(default=16, description="harmless prompts the direction is added to")
+    held_out: str = Field(default="quick", description="which held-out attacks (trajalign.attacks.held_out) every "
+                          "model faces: quick (random insertion) or full (all of them)")
     utility_prompts: int = Field(default=200, description="Dolly open_qa evaluation questions whose human answers "
                                  "measure utility (beside the Self-Instruct user tasks' answers)")
 
@@ -102,7 +106,7 @@ PRESETS = {
                    training={"shallow": RoleTraining(epochs=2, benign_ratio=2.0),
                              "trajectory": RoleTraining(epochs=3, benign_ratio=1.0)},
                    over_refusal_prompts=40, decoding=True, direction_prompts=32,
-                   layer_step=3),
+                   layer_step=3, held_out="full"),
 }
 ROLES = ("original", "shallow", "trajectory")
 RECIPE_OF_ROLE = {"shallow": "refusal-sft", "trajectory": "trajectory"}
@@ -232,7 +236,7 @@ class Reproduction:
             trajectories = self.original_answers(train + test, progress)
             benign_answers = self.original_answers(controls, progress)
             benign_spans = self.original_answers(controls, progress, BENIGN_INSERT_TRAJECTORIES)
-        results, probes, utility = {}, {}, {}
+        results, probes, utility, held_out = {}, {}, {}, {}
         for role in ROLES:  # each model's stages in a row, so that it is loaded once for them
             if role in RECIPE_OF_ROLE:
                 with self.stage(f"train {role}") as progress:
@@ -244,14 +248,24 @@ class Reproduction:
                 utility[role] = self.utility(role, over_refusal["self-instruct-user"], progress)
             with self.stage(f"probe {role}") as progress:
                 probes[role] = self.probe(role, test, trajectories, progress)
+            with self.stage(f"held-out attacks {role}") as progress:
+                held_out[role] = self.held_out(role, train, test, trajectories, progress)
         self._release()
         summary = {"preset": self.preset_name, "results": results, "utility": utility, "probes": probes,
-                   "timings_s": self.timings, "total_s": round(time.perf_counter() - started, 1)}
+                   "held_out": held_out, "attack_matrix": self.attack_matrix(), "timings_s": self.timings,
+                   "total_s": round(time.perf_counter() - started, 1)}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         (self.out / "summary.md").write_text(summary_markdown(summary))
         with self.stage("report"):
             self.report()
         return summary
+
+    def attack_matrix(self) -> dict[str, dict[str, dict]]:
+        """Recovery per attack (trained-on and held-out) and model, on the harmful test behaviors."""
+        from trajalign.attack_report import attack_matrix
+
+        return attack_matrix([episode for path in sorted((self.out / "evals").rglob(EPISODES_FILE))
+                              for episode in EpisodeLog(path.parent).load() if not is_benign(episode.dataset)])
 
     def original_answers(self, behaviors: list[Behavior], progress, source: str = ORIGINAL_TRAJECTORIES
                          ) -> dict[str, Trajectory]:
@@ -302,14 +316,14 @@ class Reproduction:
 
     def _eval(self, role: str, name: str, attack, behaviors: list[Behavior],
               trajectories: dict[str, Trajectory] | None, progress=None, source: str = ORIGINAL_TRAJECTORIES,
-              judges: list[JudgeConfig] | None = None) -> list[dict]:
+              judges: list[JudgeConfig] | None = None, ablate: AblationConfig | None = None) -> list[dict]:
         """One evaluation; its behaviors are written into its run directory, so that its config.yaml re-runs it."""
         out = self.out / "evals" / role / name
         behaviors_file = write_behaviors(out / "behaviors.jsonl", behaviors)
         config = EvalConfig(model=self.model_spec(role), dataset=str(behaviors_file), trajectories=source,
                             trajectory_tokens=self.preset.trajectory_tokens, attack=attack,
                             max_new_tokens=CONTINUATION_TOKENS, batch_size=GENERATION_BATCH_SIZE,
-                            judges=judges or [JudgeConfig()], out=out)
+                            judges=judges or [JudgeConfig()], ablate=ablate, out=out)
         evaluation = Evaluation(config, handle=self._handle(role), trajectories=trajectories)
         return evaluation.run(progress and (lambda done, total: progress(done, total, f"{name} episodes")))["rows"]
 
@@ -377,6 +391,20 @@ class Reproduction:
         path.write_text(json.dumps(rows))
         return rows
 
+    def held_out(self, role: str, train: list[Behavior], test: list[Behavior], trajectories: dict[str, Trajectory],
+                 progress=None) -> dict[str, list[dict]]:
+        """The attacks no recipe trains on, each on the test behaviors, in `evals/ROLE/held-out/NAME`: random
+        insertion; with the full set also foreign trajectories, the adaptive search, abliteration with the model's
+        own refusal direction and, on the aligned models, fine-tuning on the training behaviors."""
+        train_file = write_behaviors(self.out / "held-out-train.jsonl", train) if role in RECIPE_OF_ROLE else None
+        rows = {}
+        for name, spec in held_out_attacks(self.preset.held_out, train_file, DEFAULT_MODEL).items():
+            ablate = AblationConfig(direction=self.out / "probes" / role / "direction") if spec.ablate else None
+            given = trajectories if spec.trajectories == ORIGINAL_TRAJECTORIES else None
+            rows[name] = self._eval(role, f"held-out/{name}", spec.attack, test, given, progress,
+                                    source=spec.trajectories, ablate=ablate)
+        return rows
+
     def probe(self, role: str, test, trajectories, progress=None) -> dict:
         from trajalign.probe.direction import RefusalDirection, steering_effect
 
@@ -431,10 +459,25 @@ def _probe_lines(role: str, probe: dict) -> list[str]:
     return lines
 
 
+def _attack_lines(matrix: dict) -> list[str]:
+    from trajalign.attack_report import matrix_table
+
+    if not matrix:
+        return []
+    header, rows = matrix_table(matrix)
+    return ["## Attacks x models", "",
+            "Recovery on the harmful test behaviors per attack: the trained-on perturbations (prefill of the original "
+            "model's greedy answer, the insertion after 8 own tokens) beside the held-out ones no recipe trains on. "
+            "Wilson 95% intervals.", "",
+            "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *["| " + " | ".join(cells) + " |" for cells in rows], ""]
+
+
 def summary_markdown(summary: dict) -> str:
     text = [f"# trajalign reproduce --preset {summary['preset']}", "",
             "Keyword judge (a refusal beginning within 24 continuation tokens), Wilson 95% intervals; held-out "
             "behaviors and prompts only.", "", *markdown(from_summary(summary)), "",
+            *_attack_lines(summary.get("attack_matrix", {})),
             "## Claim (b): do internal scores predict recovery at a fixed depth?", "",
             "Per model: the refusal direction's effect, then the mean within-depth AUROC of each score (depths "
             "k ≥ 1 with both outcomes present), beside the pooled AUROC over k ≥ 1, where depth itself predicts both "
