@@ -459,7 +459,7 @@ def _probe_lines(role: str, probe: dict) -> list[str]:
     return lines
 
 
-def _attack_lines(matrix: dict) -> list[str]:
+def attack_lines(matrix: dict) -> list[str]:
     from trajalign.attack_report import matrix_table
 
     if not matrix:
@@ -477,7 +477,7 @@ def summary_markdown(summary: dict) -> str:
     text = [f"# trajalign reproduce --preset {summary['preset']}", "",
             "Keyword judge (a refusal beginning within 24 continuation tokens), Wilson 95% intervals; held-out "
             "behaviors and prompts only.", "", *markdown(from_summary(summary)), "",
-            *_attack_lines(summary.get("attack_matrix", {})),
+            *attack_lines(summary.get("attack_matrix", {})),
             "## Claim (b): do internal scores predict recovery at a fixed depth?", "",
             "Per model: the refusal direction's effect, then the mean within-depth AUROC of each score (depths "
             "k ≥ 1 with both outcomes present), beside the pooled AUROC over k ≥ 1, where depth itself predicts both "
