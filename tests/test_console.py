@@ -47,7 +47,9 @@ def test_smoke_reproduction_console(cli, tmp_path):
     assert f"summary: {tmp_path / 'run' / 'summary.md'}" in out
     assert (tmp_path / "run" / "summary.md").exists() and (tmp_path / "run" / "report" / "report.html").exists()
     stages = [line.split(" ━")[0] for line in err.splitlines() if "━" in line]
-    assert stages == ["trajectories", "evaluate original", "train shallow", "evaluate shallow", "probe shallow",
-                      "train trajectory", "evaluate trajectory", "probe trajectory", "report"], err[-3000:]
+    per_model = ["evaluate", "utility", "probe", "held-out attacks"]
+    assert stages == ["trajectories", *[f"{stage} original" for stage in per_model],
+                      *[f"{stage} {role}" for role in ("shallow", "trajectory") for stage in ["train", *per_model]],
+                      "report"], err[-3000:]
     log = (tmp_path / "run" / "models" / "trajectory" / "training.log").read_text().splitlines()
     assert log[0].startswith("step 1/") and " loss " in log[0]
