@@ -15,15 +15,18 @@ from pathlib import Path
 
 from trajalign.attack_report import (
     attack_matrix,
+    attack_row,
     budget_curves,
     curve_figure,
     matrix_figure,
     matrix_table,
+    source_name,
     steps_curves,
 )
 from trajalign.data.datasets import is_benign
 from trajalign.errors import InputError, TrajalignError
 from trajalign.headline import Cell, Headline, from_summary, tables
+from trajalign.models.registry import DEFAULT_MODEL
 from trajalign.records import Episode
 from trajalign.requirements import require
 from trajalign.runs import EPISODES_FILE, EpisodeLog
@@ -69,12 +72,24 @@ def _harmful(episodes: list[Episode]) -> list[Episode]:
     return [e for e in episodes if not is_benign(e.dataset)]
 
 
+DEFAULT_TRAJECTORIES = f"model:{DEFAULT_MODEL}"  # EvalConfig's default source
+
+
+def is_plain_prefill(episode: Episode, source: str | None = None) -> bool:
+    """A prefill with no defense and no ablation, of trajectories from `source` (unset: the default source, the
+    original model's greedy answers): the depth sweep itself, not a held-out variant of it."""
+    return (episode.attack_kind == "prefill" and episode.defense is None and episode.ablation is None
+            and (episode.trajectory_source or DEFAULT_TRAJECTORIES) == (source or DEFAULT_TRAJECTORIES))
+
+
 def depth_figure(episodes: list[Episode]):
     plt = pyplot()
     groups: dict[str, dict[int, list[bool]]] = defaultdict(lambda: defaultdict(list))
     for episode in _harmful(episodes):
-        if episode.attack_kind == "prefill" and episode.defense is None:
-            groups[_model_name(episode.model)][episode.depth].append(episode.refused)
+        source = episode.trajectory_source or DEFAULT_TRAJECTORIES
+        if is_plain_prefill(episode, source):  # one curve per model and trajectory source
+            label = _model_name(episode.model) + ("" if source == DEFAULT_TRAJECTORIES else f" [{source_name(source)}]")
+            groups[label][episode.depth].append(episode.refused)
     if not groups:
         return None
     figure, axis = plt.subplots(figsize=(6.4, 3.8))
@@ -223,8 +238,9 @@ def _probe_context(directory: Path, episodes: list[Episode]):
     if not results_file.exists() or not config_file.exists():
         return None
     results = json.loads(results_file.read_text())
-    spec = (yaml.safe_load(config_file.read_text()) or {}).get("model")
-    own = [e for e in _harmful(episodes) if e.model == spec and e.attack_kind == "prefill" and e.defense is None]
+    settings = yaml.safe_load(config_file.read_text()) or {}
+    spec = settings.get("model")
+    own = [e for e in _harmful(episodes) if e.model == spec and is_plain_prefill(e, settings.get("trajectories"))]
     shared = results.get("reference_direction", {}).get("layer")
     return load_readings(directory), results["direction"]["layer"], shared, own
 
@@ -283,9 +299,9 @@ def within_depth_rows(probe_dirs: list[Path], episodes: list[Episode]) -> list[d
     return rows
 
 
-def between_model_figure(probe_dirs: list[Path], episodes: list[Episode]):
-    """Per depth, each model's mean projection on the shared (original model's) refusal direction beside its
-    recovery rate: is the model whose states point at refusal the one that recovers?"""
+def between_model_profiles(probe_dirs: list[Path], episodes: list[Episode]) -> dict[str, list[dict]]:
+    """Per probed model read on a shared (the original model's) direction: its depth profile (recovery, mean
+    projections per depth)."""
     from trajalign.probe.predictivity import depth_profile
 
     profiles = {}
@@ -294,6 +310,29 @@ def between_model_figure(probe_dirs: list[Path], episodes: list[Episode]):
         if context and context[2] is not None and context[3]:
             readings, layer, shared, own = context
             profiles[directory.name] = depth_profile(readings, own, layer, shared)
+    return profiles
+
+
+def between_model_table(profiles: dict[str, list[dict]]) -> tuple[list[str], list[list[str]]]:
+    """One row per depth: each model's mean projection on the shared direction, then its recovery."""
+    models = sorted(profiles)
+    by_depth = {model: {row["depth"]: row for row in rows} for model, rows in profiles.items()}
+    depths = sorted({depth for rows in by_depth.values() for depth in rows})
+
+    def cell(row: dict | None) -> str:
+        if row is None:
+            return "–"
+        low, high = row["recovery_ci95"]
+        return (f"{row['mean_shared_projection']:.2f} / {row['recovery_rate']:.0%} [{low:.0%}, {high:.0%}] "
+                f"n={row['n']}")
+
+    return (["depth", *[f"{model}: projection / recovery" for model in models]],
+            [[str(depth), *[cell(by_depth[model].get(depth)) for model in models]] for depth in depths])
+
+
+def between_model_figure(profiles: dict[str, list[dict]]):
+    """Per depth, each model's mean projection on the shared (original model's) refusal direction beside its
+    recovery rate: is the model whose states point at refusal the one that recovers?"""
     if not profiles:
         return None
     plt = pyplot()
@@ -361,12 +400,13 @@ def comparison_rows(episodes: list[Episode]) -> list[dict]:
 def rate_table(episodes: list[Episode]) -> list[dict]:
     groups = defaultdict(list)
     for episode in episodes:
-        groups[(_model_name(episode.model), episode.dataset, episode.attack_kind, episode.defense or "")].append(
-            episode.refused)
+        attack = attack_row(episode)  # with its trajectory source, defense and depth class (k=0 apart from k>=1)
+        if attack is not None:
+            groups[(_model_name(episode.model), episode.dataset, attack)].append(episode.refused)
     rows = []
-    for (model, dataset, attack, defense), values in sorted(groups.items()):
+    for (model, dataset, attack), values in sorted(groups.items()):
         low, high = wilson_interval(sum(values), len(values))
-        rows.append({"model": model, "dataset": dataset, "attack": attack + (f"+{defense}" if defense else ""),
+        rows.append({"model": model, "dataset": dataset, "attack": attack,
                      "n": len(values), "rate": sum(values) / len(values), "low": low, "high": high})
     return rows
 
@@ -446,6 +486,7 @@ def build_report(runs: list[Path], out_file: Path, tokenizer_spec: str | None = 
     out_file.parent.mkdir(parents=True, exist_ok=True)
     plt = pyplot()
     headlines = reproduction_headlines(runs)
+    profiles = between_model_profiles(probe_dirs, episodes)
     figures = [("Depth that discriminates: harmful recovery against benign refusal, per model", "frontier",
                 frontier_figure(headlines) if headlines else None),
                ("Recovery against injection depth", "recovery_by_depth", depth_figure(episodes)),
@@ -455,7 +496,7 @@ def build_report(runs: list[Path], out_file: Path, tokenizer_spec: str | None = 
                ("Probe: the refusal direction along the trajectory", "probe_projection",
                 probe_figure(probe_dirs, episodes)),
                ("Between models: projection on the original model's refusal direction beside recovery",
-                "between_models", between_model_figure(probe_dirs, episodes)),
+                "between_models", between_model_figure(profiles)),
                ("Over-refusal on benign prompts", "over_refusal", over_refusal_figure(episodes)),
                *held_out_figures(_harmful(episodes), plt)]
     sections = []
@@ -498,6 +539,11 @@ def build_report(runs: list[Path], out_file: Path, tokenizer_spec: str | None = 
         headers, cells = matrix_table(matrix)
         sections.append("<h2>Attacks × models: recovery on harmful prompts [Wilson 95% CI]</h2>"
                         + _table(headers, [[html.escape(cell) for cell in row] for row in cells]))
+    if profiles:
+        headers, cells = between_model_table(profiles)
+        sections.append("<h2>Between models: mean projection on the original model's refusal direction and recovery, "
+                        "per depth</h2>" + _table([html.escape(cell) for cell in headers],
+                                                  [[html.escape(cell) for cell in row] for row in cells]))
     sections.append("<h2>Example episodes</h2><p><mark>injected</mark> · <ins>model continuation</ins></p>"
                     + example_html(episodes, decode))
     page = (f"<!doctype html><html><head><meta charset='utf-8'>"
@@ -514,8 +560,9 @@ def build_report(runs: list[Path], out_file: Path, tokenizer_spec: str | None = 
                        + "\n".join(["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
                                    + ["| " + " | ".join(_md_cell(cell) for cell in row) + " |" for row in cells])
                        + "\n")
-    if within_depth:
-        headers, cells = within_depth_table(within_depth)
+    for rows in ([within_depth_table(within_depth)] if within_depth else []) + (
+            [between_model_table(profiles)] if profiles else []):
+        headers, cells = rows
         with open(out_file.parent / "summary.md", "a", encoding="utf-8") as file:
             file.write("\n" + "\n".join(["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
                                          + ["| " + " | ".join(_md_cell(cell) for cell in row) + " |" for row in cells])
