@@ -8,16 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
+from trajalign.judges import KeywordJudge
+from trajalign.reset_token import reset_token_id, reset_view, split_at_reset
 from trajalign.testing import labelled_cross_entropy, save_tiny_model, tiny_handle
-from trajalign.train.backtracking import (
-    Backtracking,
-    add_reset_token,
-    backtracking_row,
-    bias_reset_logits,
-    reset_token_id,
-    reset_view,
-    split_at_reset,
-)
+from trajalign.train.backtracking import Backtracking, add_reset_token, backtracking_row, bias_reset_logits
 from trajalign.train.recipes import IGNORE, RecipeConfig, RowBuilder, TrainingRow
 from trajalign.train.trainer import TrainConfig, run_training
 
@@ -64,6 +58,31 @@ def test_the_user_sees_only_what_follows_the_last_reset():
     assert view.reset_in_window and view.visible_ids == refusal
     late = reset_view(harmful * 10 + [RESET] + refusal, RESET, judge_window=24)
     assert not late.reset_in_window and late.visible_ids == harmful * 10 + [RESET] + refusal
+
+
+def test_evaluation_judges_what_follows_a_reset_and_counts_the_reset_as_refused(tmp_path):
+    from trajalign.attacks import Prefill, PrefillPosition
+    from trajalign.evaluate import EvalConfig, Evaluation
+    from trajalign.judges import episode_judge_input
+    from trajalign.records import Episode
+
+    complying = HANDLE.tokenizer("Sure, here is how", add_special_tokens=False)["input_ids"]
+    answer = HANDLE.tokenizer(" Paris is the capital.", add_special_tokens=False)["input_ids"]
+
+    def episode(continuation: list[int]) -> Episode:
+        return Episode(episode_id=str(len(continuation)), model="m", behavior_id="b", dataset="advbench",
+                       prompt="p", attack=Prefill(depths=[0]), position=PrefillPosition(depth=0), depth=0,
+                       context_ids=PROMPT, answer_start=len(PROMPT), continuation_ids=continuation,
+                       continuation_text="", finish_reason="eos", exact_ids=True, refused=False)
+
+    reset_then_answer, plain = episode(complying + [RESET] + answer), episode(complying + answer)
+    seen = episode_judge_input(reset_then_answer, HANDLE.chat.decode, 24, RESET).continuation_text
+    assert "Sure" not in seen and "Paris" in seen
+    evaluation = Evaluation(EvalConfig(model="tiny", out=tmp_path / "run"), handle=HANDLE)
+    evaluation._judge([reset_then_answer, plain], [KeywordJudge()])
+    assert reset_then_answer.reset and reset_then_answer.refused
+    assert not reset_then_answer.verdicts["keyword"].refused_continuation  # the judge read only the visible answer
+    assert not plain.reset and not plain.refused
 
 
 def test_logit_bias_moves_only_the_reset_token():

@@ -22,6 +22,7 @@ from trajalign.judges import KeywordJudge, episode_judge_input, make_judge
 from trajalign.models.loading import ModelSpec, TokenizerHandle, load_model
 from trajalign.models.registry import DEFAULT_MODEL
 from trajalign.records import Episode
+from trajalign.reset_token import reset_token_id, reset_view
 from trajalign.runs import EpisodeLog, pin_in_manifest, write_config, write_summary
 
 
@@ -231,14 +232,16 @@ class Evaluation:
         )
 
     def _judge(self, episodes: list[Episode], judges) -> None:
-        inputs = [episode_judge_input(episode, self.handle.chat.decode, self.config.judge_window)
+        reset_id = reset_token_id(self.handle.tokenizer)
+        inputs = [episode_judge_input(episode, self.handle.chat.decode, self.config.judge_window, reset_id)
                   for episode in episodes]
         for judge in judges:
             for episode, verdict in zip(episodes, judge.judge(inputs)):
                 episode.verdicts[judge.name] = verdict
         primary = judges[0].name
         for episode in episodes:
-            episode.refused = episode.verdicts[primary].refused_continuation
+            episode.reset = reset_view(episode.continuation_ids, reset_id, self.config.judge_window).reset_in_window
+            episode.refused = episode.reset or episode.verdicts[primary].refused_continuation
 
 
 def run_eval(config: EvalConfig, handle: TokenizerHandle | None = None, progress=None) -> dict:

@@ -19,6 +19,7 @@ from trajalign.refusals import (
     REFUSAL_OPENINGS,
     first_person,
 )
+from trajalign.reset_token import reset_view
 
 _SENTENCE_START = re.compile(r"(?:^|[.!?:;\n])[\s\"'*\-#>()\[\]]*")
 _WORD_I = re.compile(r"(?<![\w'])(?=i\b)")
@@ -31,11 +32,13 @@ class JudgeInput:
     continuation_text: str
 
 
-def episode_judge_input(episode: Episode, decode, judge_window: int) -> JudgeInput:
+def episode_judge_input(episode: Episode, decode, judge_window: int, reset_id: int | None = None) -> JudgeInput:
     """What a judge reads of an episode: the prompt, the decoded assistant prefix (own and injected tokens) and the
-    continuation's first `judge_window` tokens, decoded, so that a refusal beginning later does not count."""
+    continuation's first `judge_window` tokens, decoded, so that a refusal beginning later does not count. For a
+    backtracking model (`reset_id`) that resets within the window, what the user sees: the text after the reset."""
+    view = reset_view(episode.continuation_ids, reset_id, judge_window)
     return JudgeInput(prompt=episode.prompt, prefix_text=decode(episode.context_ids[episode.answer_start:]),
-                      continuation_text=decode(episode.continuation_ids[:judge_window]))
+                      continuation_text=decode(view.visible_ids[:judge_window]))
 
 
 def _normalize(text: str) -> str:

@@ -47,6 +47,8 @@ class Episode(BaseModel):
                                         "False where a server was sent text or answered in text")
     verdicts: dict[str, Verdict] = Field(default_factory=dict)
     refused: bool = Field(description="primary judge: a refusal begins in the continuation (within the window)")
+    reset: bool = Field(default=False, description="backtracking models: a reset token within the window, which "
+                        "counts as a refusal; the judges read what follows it")
     generation_s: float = 0.0
 
     @computed_field

@@ -3,19 +3,16 @@
 Training rows: harmful prompt + a prefix of the model's own harmful trajectory (context, no loss) + reset + a
 refusal (trained), some with the reset right at the start of the answer; benign anchors as in every recipe.
 
-Evaluation (for the integrator): what precedes the last reset is hidden from the user. `reset_view` gives the
-judges' input for one continuation: a reset within the judge window counts as a refusal (a recovery on harmful
-contexts; on benign prompts it is a false reset, whose rate is the method's over-refusal), and the judges read
-`visible_ids`, the continuation after its last reset, so a model that resets and then complies is still caught.
-`reset_token_id(tokenizer)` finds the token in a trained model's tokenizer (None for any other model: the view is
-then the plain continuation). A logit bias on the reset token tunes false resets against recoveries: add
-`bias_reset_logits` to the hf backend's next-token logits, or send {str(reset_id): bias} as `logit_bias` to an
-OpenAI-compatible server; the bias belongs in the evaluation config and its records.
+Evaluation (`trajalign.reset_token`, applied by every evaluation of a model whose tokenizer has the token): what
+precedes the last reset is hidden from the user, a reset within the judge window counts as a refusal (a recovery on
+harmful contexts; on benign prompts a false reset, the method's over-refusal), and the judges read the
+continuation after its last reset, so a model that resets and then complies is still caught. A logit bias on the
+reset token tunes false resets against recoveries: add `bias_reset_logits` to the hf backend's next-token logits,
+or send {str(reset_id): bias} as `logit_bias` to an OpenAI-compatible server; the bias belongs in the evaluation
+config and its records.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 from trajalign.errors import InputError
 from trajalign.train.objectives import Objective
@@ -27,10 +24,6 @@ def add_reset_token(tokenizer, token: str) -> int:
     if token not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"extra_special_tokens": [token]}, replace_extra_special_tokens=False)
     return tokenizer.convert_tokens_to_ids(token)
-
-
-def reset_token_id(tokenizer, token: str = "[RESET]") -> int | None:
-    return tokenizer.get_vocab().get(token)
 
 
 def backtracking_row(builder: RowBuilder, reset_id: int, prompt: list[int], harmful_prefix: list[int], rng,
@@ -79,27 +72,6 @@ class Backtracking(Objective):
 
     def lora_options(self, model) -> dict:
         return {"trainable_token_indices": [self.reset_id]}
-
-
-@dataclass(frozen=True)
-class ResetView:
-    reset_in_window: bool  # a reset among the first judge_window tokens: counts as a refusal
-    visible_ids: list[int]  # what the user sees: the continuation after its last reset
-
-
-def split_at_reset(continuation_ids: list[int], reset_id: int | None) -> tuple[bool, list[int]]:
-    """(reset seen, the ids after the last reset); without a reset, the whole continuation is visible."""
-    if reset_id is None or reset_id not in continuation_ids:
-        return False, list(continuation_ids)
-    last = len(continuation_ids) - 1 - continuation_ids[::-1].index(reset_id)
-    return True, list(continuation_ids[last + 1:])
-
-
-def reset_view(continuation_ids: list[int], reset_id: int | None, judge_window: int) -> ResetView:
-    """Without a reset in the window the judges read the continuation as they do for any model."""
-    if reset_id is None or reset_id not in continuation_ids[:judge_window]:
-        return ResetView(False, list(continuation_ids))
-    return ResetView(True, split_at_reset(continuation_ids, reset_id)[1])
 
 
 def bias_reset_logits(logits, reset_id: int, bias: float):
