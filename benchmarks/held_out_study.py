@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from trajalign.reproduce import PRESETS, ROLES, Reproduction, attack_lines, split_behaviors
+from trajalign.reproduce import PRESETS, Reproduction, attack_lines, split_behaviors
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     if saved_split["test"] != [behavior.id for behavior in test]:
         raise SystemExit(f"{args.run / 'split.json'}: not the {args.preset} preset's split")
     trajectories = study.original_answers(train + test, None)
-    for role in ROLES:
+    for role in study.roles:
         with study.stage(f"held-out attacks {role}") as progress:
             study.held_out(role, train, test, trajectories, progress)
     lines = attack_lines(study.attack_matrix())

@@ -203,3 +203,21 @@ def test_benign_controls_are_token_exact(tmp_path, monkeypatch):
         assert episode.context_ids[:len(prompts[episode.behavior_id])] == prompts[episode.behavior_id]
         assert episode.context_ids[start:start + preset.insert_length] == spans[episode.behavior_id].token_ids[
             :preset.insert_length]
+
+
+def test_compare_preset_trains_every_comparator_on_the_same_behaviors_and_anchors(tmp_path, monkeypatch):
+    from trajalign.reproduce import COMPARATORS
+
+    seen = {}
+    monkeypatch.setattr(reproduce, "load_model", lambda spec: None)
+    monkeypatch.setattr(reproduce, "run_training",
+                        lambda config, **kwargs: seen.setdefault(config.out.name, (config, kwargs)))
+    run = Reproduction("compare", tmp_path)
+    assert run.roles == ("original", "shallow", "trajectory", *COMPARATORS)
+    train, _ = split_behaviors(run.preset)
+    anchors = load_behaviors("jbb-benign")[:2]
+    for role in run.roles[1:]:
+        run.train(role, train, anchors, {})
+    assert {role: config.recipe.name for role, (config, _) in seen.items()} == {
+        "shallow": "refusal-sft", "trajectory": "trajectory", **{name: name for name in COMPARATORS}}
+    assert all(inputs["harmful"] == train and inputs["benign"] == anchors for _, inputs in seen.values())

@@ -367,8 +367,9 @@ def judge_agreement_command(
 
 @app.command("reproduce")
 def reproduce_command(
-    preset: str = typer.Option("quick", help="quick (about 6 minutes on 2 cores) | full (about 24 minutes) | "
-                                             "smoke (every stage on a handful of behaviors, about 2 minutes)"),
+    preset: str = typer.Option("quick", help="quick | full (40 test behaviors, every held-out attack) | compare "
+                                             "(full's test size, the comparators beside the study's models) | "
+                                             "smoke (every stage on a handful of behaviors)"),
     out: Path = typer.Option(Path("runs/reproduce"), help="run directory (re-running resumes it)"),
     quiet: bool = QUIET,
 ) -> None:

@@ -51,6 +51,9 @@ from trajalign.train.trainer import LoraSettings, TrainConfig, run_training
 class RoleTraining(BaseModel):
     """How one aligned model of the study is trained; every lever defaults to what the study did before it."""
 
+    recipe: str | None = Field(default=None, description="the training recipe or comparator (default: refusal-sft "
+                               "for shallow, trajectory for trajectory)")
+    learning_rate: float | None = Field(default=None, gt=0, description="default: the preset's")
     epochs: float
     benign_ratio: float = Field(description="benign anchor rows per harmful row: the over-refusal lever")
     lora: LoraSettings | None = Field(default=None, description="train a LoRA adapter, merged on save")
@@ -88,6 +91,9 @@ class Preset(BaseModel):
                                  "measure utility (beside the Self-Instruct user tasks' answers)")
 
 
+# The field's deep-alignment methods, trained on the same behaviors and anchors as the trajectory recipe.
+COMPARATORS = ("prefix-constrained", "rto", "circuit-breaker", "refusal-ablation", "backtracking")
+
 PRESETS = {
     # Every stage on a handful of behaviors, for a first look and for CI; its numbers mean nothing.
     "smoke": Preset(train_behaviors=8, test_behaviors=4, trajectory_tokens=16, anchors=8, anchor_tokens=16,
@@ -107,8 +113,16 @@ PRESETS = {
                              "trajectory": RoleTraining(epochs=3, benign_ratio=1.0)},
                    over_refusal_prompts=40, decoding=True, direction_prompts=32,
                    layer_step=3, held_out="full"),
+    # Every comparator beside the study's two models, at the full preset's test size on fewer training behaviors.
+    # Its settings are the presets' defaults, not yet chosen per method on the validation split, and its running
+    # time is not yet measured.
+    "compare": Preset(train_behaviors=96, test_behaviors=40, trajectory_tokens=48, anchors=96, anchor_tokens=24,
+                      training={"shallow": RoleTraining(epochs=2, benign_ratio=2.0),
+                                "trajectory": RoleTraining(epochs=3, benign_ratio=1.0),
+                                **{name: RoleTraining(recipe=name, epochs=2, benign_ratio=1.0)
+                                   for name in COMPARATORS}},
+                      over_refusal_prompts=40, direction_prompts=32, layer_step=3, held_out="full"),
 }
-ROLES = ("original", "shallow", "trajectory")
 RECIPE_OF_ROLE = {"shallow": "refusal-sft", "trajectory": "trajectory"}
 CONTINUATION_TOKENS = 24  # what the judge reads
 # A decode step of 64 rows costs far less than four of 16 (benchmarks/step_cost.py), so trajectories and
@@ -216,6 +230,13 @@ class Reproduction:
             yield progress
         self.timings[name] = round(time.perf_counter() - started, 1)
 
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return ("original", *self.preset.training)
+
+    def recipe_of(self, role: str) -> str:
+        return self.preset.training[role].recipe or RECIPE_OF_ROLE[role]
+
     def model_spec(self, role: str) -> str:
         if role == "original":
             return DEFAULT_MODEL
@@ -237,8 +258,8 @@ class Reproduction:
             benign_answers = self.original_answers(controls, progress)
             benign_spans = self.original_answers(controls, progress, BENIGN_INSERT_TRAJECTORIES)
         results, probes, utility, held_out = {}, {}, {}, {}
-        for role in ROLES:  # each model's stages in a row, so that it is loaded once for them
-            if role in RECIPE_OF_ROLE:
+        for role in self.roles:  # each model's stages in a row, so that it is loaded once for them
+            if role != "original":
                 with self.stage(f"train {role}") as progress:
                     self.train(role, train, anchors, trajectories, progress)
             with self.stage(f"evaluate {role}") as progress:
@@ -279,13 +300,14 @@ class Reproduction:
 
     def train(self, role: str, train: list[Behavior], anchors: list[Behavior], trajectories, progress=None) -> None:
         training = self.preset.training[role]
-        recipe_config = RecipeConfig(name=RECIPE_OF_ROLE[role], benign_ratio=training.benign_ratio,
+        recipe_config = RecipeConfig(name=self.recipe_of(role), benign_ratio=training.benign_ratio,
                                      benign_mix=training.benign_mix)
         config = TrainConfig(model=DEFAULT_MODEL, recipe=recipe_config,
                              harmful=[HarmfulSource(name="advbench"), *training.harmful_sources], harmful_limit=None,
                              benign=training.anchor_sources, benign_limit=None,
                              trajectory_tokens=self.preset.trajectory_tokens, anchor_tokens=self.preset.anchor_tokens,
-                             epochs=training.epochs, learning_rate=self.preset.learning_rate, lora=training.lora,
+                             epochs=training.epochs, learning_rate=training.learning_rate or self.preset.learning_rate,
+                             lora=training.lora,
                              kl_weight=training.kl_weight, preference=training.preference, rounds=training.rounds,
                              out=self.out / "models" / role)
         harmful = train + without_advbench(load_sources(training.harmful_sources))
@@ -396,7 +418,7 @@ class Reproduction:
         """The attacks no recipe trains on, each on the test behaviors, in `evals/ROLE/held-out/NAME`: random
         insertion; with the full set also foreign trajectories, the adaptive search, abliteration with the model's
         own refusal direction and, on the aligned models, fine-tuning on the training behaviors."""
-        train_file = write_behaviors(self.out / "held-out-train.jsonl", train) if role in RECIPE_OF_ROLE else None
+        train_file = write_behaviors(self.out / "held-out-train.jsonl", train) if role != "original" else None
         rows = {}
         for name, spec in held_out_attacks(self.preset.held_out, train_file, DEFAULT_MODEL).items():
             ablate = AblationConfig(direction=self.out / "probes" / role / "direction") if spec.ablate else None
