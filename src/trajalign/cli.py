@@ -380,12 +380,12 @@ def reproduce_command(
         raise InputError(f"preset '{preset}': choose one of {', '.join(PRESETS)}")
     summary = reproduce(preset, out, display(quiet))
     header, rows = headline_table(summary)
-    table = Table(*header, title="Refusal and recovery on held-out behaviors (Wilson 95% intervals)")
+    table = Table(*header, title="Both sides of depth on held-out prompts, worst cells (Wilson 95% intervals)")
     for cells in rows:
         table.add_row(*cells)
     stdout.print(table, width=None if stdout.is_terminal else LOG_WIDTH)
     stdout.print(f"summary: {out / 'summary.md'}\nreport:  {out / 'report' / 'report.html'}\n"
-                 f"total {summary['total_s']:.0f} s", markup=False, highlight=False)
+                 f"total {summary['total_s']:.0f} s", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("report")

@@ -304,6 +304,9 @@ def _tokenizer_handle(source: ModelSource, trust_remote_code: bool, system_promp
 
 def _load_weights(source: ModelSource, dtype, trust_remote_code: bool, allow_pickle: bool):
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # its bar would cut into the caller's progress display
 
     directory = Path(source.location)
     if not source.gguf_file and directory.is_dir() and _has_only_pickle_weights(directory) and not allow_pickle:
