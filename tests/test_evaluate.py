@@ -78,6 +78,18 @@ def test_decoding_sweep_is_reproducible(tiny, tmp_path):
     assert len({tuple(c) for c in continuations(first).values()}) > 1
 
 
+def test_decoding_draws_do_not_depend_on_the_model_spec(tiny, tmp_path):
+    """Common random numbers: the same weights under two specs (two run directories) draw the same tokens."""
+    attack = Decoding(temperatures=[1.5], top_ps=[1.0], top_ks=[0], samples=2)
+    outcomes = []
+    for spec in ("models/a", "elsewhere/models/a"):
+        config = EvalConfig(model=spec, dataset="advbench", limit=3, attack=attack, max_new_tokens=6, batch_size=4,
+                            out=tmp_path / spec.replace("/", "-"))
+        Evaluation(config, handle=tiny).run()
+        outcomes.append({(e.behavior_id, e.position.label, e.sample): e.continuation_ids for e in episodes(config)})
+    assert outcomes[0] == outcomes[1] and len(outcomes[0]) == 6
+
+
 def test_killed_run_resumes_without_loss_or_duplicates(tiny, tmp_path, monkeypatch):
     attack = Prefill(depths=[0, 1, 3, 6])
     full_config, full_summary = run(tiny, tmp_path, attack, name="full")

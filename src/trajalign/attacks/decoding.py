@@ -42,13 +42,15 @@ class Decoding(BaseAttack):
                 for sample in range(self.samples)]
 
     def plan(self, items: list[tuple[Behavior, Trajectory]], context: PlanningContext) -> list[PlannedEpisode]:
-        """Each draw is seeded by its episode key, so it comes out the same in any batch and on resume."""
+        """Each draw is seeded by the attack's seed, the behavior and the position (setting and sample), not by the
+        model or the run directory: it comes out the same in any batch and on resume, and every model meets the same
+        random numbers, so paired comparisons between models compare like with like."""
         planned = []
         for behavior, _ in items:
             prompt = context.chat.prompt_ids(behavior.prompt)
             for position in self.grid(behavior):
-                key = context.key(behavior, position)
-                seed = int(hashlib.sha256(f"{self.seed}:{key}".encode()).hexdigest()[:8], 16)
+                draw = f"{self.seed}:{behavior.id}:{position.label}:{position.sample}"
+                seed = int(hashlib.sha256(draw.encode()).hexdigest()[:8], 16)
                 planned.append(context.episode(
                     behavior, position, trunk=prompt, branch=len(prompt), depth=0, answer_start=len(prompt),
                     injected_spans=[], sampling=Sampling(position.temperature, position.top_p, position.top_k, seed),
