@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from trajalign.attacks.base import BaseAttack, BasePosition, PlannedEpisode, PlanningContext, seeded_rng
+from trajalign.attacks.base import BaseAttack, BasePosition, PlannedEpisode, PlanningContext, seeded_rng, sorted_counts
 from trajalign.data.datasets import Behavior
 from trajalign.data.trajectories import Trajectory
 from trajalign.errors import InputError
@@ -51,9 +51,7 @@ class Adaptive(BaseAttack):
     @field_validator("budgets", "span_lengths")
     @classmethod
     def _positive(cls, values: list[int]) -> list[int]:
-        if not values or any(value <= 0 for value in values):
-            raise ValueError("must be a non-empty list of numbers > 0")
-        return sorted(set(values))
+        return sorted_counts(values, minimum=1)
 
     def grid(self, behavior: Behavior) -> list[AdaptivePosition]:
         return [AdaptivePosition(budget=budget) for budget in self.budgets]

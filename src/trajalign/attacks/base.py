@@ -80,6 +80,13 @@ class PlanningContext:
         return {result.key: result.continuation_ids for batch in self.backend.generate(requests) for result in batch}
 
 
+def sorted_counts(values: list[int], minimum: int = 0) -> list[int]:
+    """A grid of token counts, steps or budgets: non-empty, each at least `minimum`, sorted, without repeats."""
+    if not values or any(value < minimum for value in values):
+        raise ValueError(f"must be a non-empty list of numbers >= {minimum}")
+    return sorted(set(values))
+
+
 def seeded_rng(*parts: object) -> random.Random:
     """A random generator seeded by `parts` alone (e.g. attack seed, behavior id, sample): the same draws in any
     batch, on any model and on resume."""

@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from trajalign.attacks.base import BaseAttack, BasePosition, PlannedEpisode, PlanningContext
+from trajalign.attacks.base import BaseAttack, BasePosition, PlannedEpisode, PlanningContext, sorted_counts
 from trajalign.attacks.prefill import Prefill
 from trajalign.data.datasets import Behavior
 from trajalign.data.trajectories import Trajectory, load_trajectories
@@ -55,9 +55,7 @@ class Finetune(BaseAttack):
     @field_validator("steps", "depths")
     @classmethod
     def _sorted(cls, values: list[int]) -> list[int]:
-        if not values or any(value < 0 for value in values):
-            raise ValueError("must be a non-empty list of numbers >= 0")
-        return sorted(set(values))
+        return sorted_counts(values)
 
     @field_validator("steps")
     @classmethod

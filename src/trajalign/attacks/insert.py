@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from trajalign.attacks.base import BaseAttack, BasePosition, PlannedEpisode, PlanningContext
+from trajalign.attacks.base import BaseAttack, BasePosition, PlannedEpisode, PlanningContext, sorted_counts
 from trajalign.data.datasets import Behavior
 from trajalign.data.trajectories import Trajectory
 
@@ -38,9 +38,7 @@ class Insert(BaseAttack):
     @field_validator("after", "span_lengths")
     @classmethod
     def _positive_list(cls, values: list[int]) -> list[int]:
-        if not values or any(value < 0 for value in values):
-            raise ValueError("must be a non-empty list of numbers >= 0")
-        return sorted(set(values))
+        return sorted_counts(values)
 
     def points_for(self, behavior_id: str) -> list[int]:
         if self.random_after is None:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from trajalign.attacks.base import BaseAttack, BasePosition, PlannedEpisode, PlanningContext
+from trajalign.attacks.base import BaseAttack, BasePosition, PlannedEpisode, PlanningContext, sorted_counts
 from trajalign.data.datasets import Behavior
 from trajalign.data.trajectories import Trajectory
 from trajalign.errors import InputError
@@ -28,9 +28,7 @@ class Prefill(BaseAttack):
     @field_validator("depths")
     @classmethod
     def _non_negative(cls, depths: list[int]) -> list[int]:
-        if not depths or any(depth < 0 for depth in depths):
-            raise ValueError("depths must be a non-empty list of numbers >= 0")
-        return sorted(set(depths))
+        return sorted_counts(depths)
 
     def needs_trajectories(self) -> bool:
         return max(self.depths) > 0
