@@ -268,7 +268,9 @@ def draw_gold(config: GoldDraw, load_tokenizer=None) -> tuple[Path, Path]:
             chosen = rng.sample(episodes, min(config.per_stratum, len(episodes)))
             halves = (["dev", "test"] * len(chosen))[:len(chosen)]
             rng.shuffle(halves)
-            stratum = file.parent.relative_to(root).as_posix()
+            # an evaluation directory given itself is named by its last two parts (e.g. trajectory/benign-insert)
+            base = Path(root).parent.parent if file.parent == Path(root) else root
+            stratum = file.parent.relative_to(base).as_posix()
             drawn += [(episode, file.parent, stratum, split) for episode, split in zip(chosen, halves)]
     if not drawn:
         raise InputError(f"{', '.join(map(str, config.runs))}: no {EPISODES_FILE} to draw from")
