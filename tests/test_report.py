@@ -122,3 +122,34 @@ def test_report_within_depth_section_and_between_model_figure(tmp_path):
     row = next(line for line in summary.splitlines() if line.startswith("| m | projection_L1 |"))
     assert "| 4: [1, 2, 3, 4] | 0.50 [" in row  # within depth: chance, as built
     assert "| 80 (40) |" in row and "| 20 (18) |" in row
+
+
+def test_between_model_table_reads_the_source_of_the_shared_direction_on_its_own_direction(tmp_path):
+    """The model whose direction the others are read on enters the between-model view with its own projections."""
+    import json
+
+    import yaml
+    from test_probe import synthetic_depth_data
+
+    from trajalign.report import between_model_profiles, between_model_table, collect_episodes
+
+    for name, shared in (("original", None), ("aligned", 2)):
+        readings, episodes = synthetic_depth_data({0: 18, 1: 16, 2: 12}, genuine=False)
+        episodes = [episode.model_copy(update={"model": name}) for episode in episodes]
+        EpisodeLog(tmp_path / "study" / "evals" / name).append(episodes)
+        probe = tmp_path / "study" / "probes" / name
+        probe.mkdir(parents=True)
+        (probe / "config.yaml").write_text(yaml.safe_dump({"model": name}))
+        (probe / "readings.jsonl").write_text("".join(reading.model_dump_json() + "\n" for reading in readings))
+        results = {"direction": {"layer": 1, "position": -1}}
+        if shared is not None:
+            results["reference_direction"] = {"path": str(tmp_path / "study" / "probes" / "original" / "direction"),
+                                              "layer": shared}
+        (probe / "predictivity.json").write_text(json.dumps(results))
+    probe_dirs = sorted((tmp_path / "study" / "probes").iterdir())
+    profiles = between_model_profiles(probe_dirs, collect_episodes([tmp_path / "study"]))
+    assert set(profiles) == {"original", "aligned"}
+    own = {row["depth"]: row["mean_projection"] for row in profiles["original"]}
+    assert all(row["mean_shared_projection"] == own[row["depth"]] for row in profiles["original"])
+    header, rows = between_model_table(profiles)
+    assert header[1:] == ["aligned: projection / recovery", "original: projection / recovery"] and len(rows) == 3

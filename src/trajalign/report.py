@@ -304,12 +304,18 @@ def between_model_profiles(probe_dirs: list[Path], episodes: list[Episode]) -> d
     projections per depth)."""
     from trajalign.probe.predictivity import depth_profile
 
+    contexts = {directory: _probe_context(directory, episodes) for directory in probe_dirs}
+    shared_sources = {Path(json.loads((directory / "predictivity.json").read_text())["reference_direction"]["path"])
+                      for directory, context in contexts.items() if context and context[2] is not None}
     profiles = {}
-    for directory in probe_dirs:
-        context = _probe_context(directory, episodes)
-        if context and context[2] is not None and context[3]:
-            readings, layer, shared, own = context
+    for directory, context in contexts.items():
+        if not context or not context[3]:
+            continue
+        readings, layer, shared, own = context
+        if shared is not None:
             profiles[directory.name] = depth_profile(readings, own, layer, shared)
+        elif directory / "direction" in shared_sources:  # the model whose direction the others are read on
+            profiles[directory.name] = depth_profile(readings, own, layer, own_is_shared=True)
     return profiles
 
 

@@ -112,9 +112,10 @@ def within_depth_summary(readings: list[DepthReading], episodes: list[Episode], 
 
 
 def depth_profile(readings: list[DepthReading], episodes: list[Episode], layer: int,
-                  shared_layer: int | None = None) -> list[dict]:
+                  shared_layer: int | None = None, own_is_shared: bool = False) -> list[dict]:
     """Per depth, over the prefill episodes with a reading: the recovery rate (Wilson 95% CI), the mean projection
-    on the model's own direction at `layer` and, with `shared_layer`, on the shared (original model's) direction."""
+    on the model's own direction at `layer` and, with `shared_layer`, on the shared (original model's) direction;
+    `own_is_shared` for the model whose direction is the shared one."""
     by_key = {(reading.behavior_id, reading.depth): reading for reading in readings}
     by_depth: dict[int, list[tuple[DepthReading, bool]]] = defaultdict(list)
     for episode in episodes:
@@ -124,7 +125,8 @@ def depth_profile(readings: list[DepthReading], episodes: list[Episode], layer: 
     rows = []
     for depth, members in sorted(by_depth.items()):
         recovered = sum(outcome for _, outcome in members)
-        shared = [reading.reference_projections.get(shared_layer) for reading, _ in members]
+        shared = [reading.projections[layer] if own_is_shared else reading.reference_projections.get(shared_layer)
+                  for reading, _ in members]
         rows.append({"depth": depth, "n": len(members), "recovered": recovered,
                      "recovery_rate": recovered / len(members),
                      "recovery_ci95": wilson_interval(recovered, len(members)),
