@@ -23,7 +23,7 @@ def token_budget_batches(lengths: list[int], max_batch_tokens: int) -> list[list
 
 
 @torch.inference_mode()
-def answer_log_probs(handle, items: list[tuple[list[int], list[int]]], max_batch_tokens: int = 4096,
+def answer_log_probs(handle, items: list[tuple[list[int], list[int]]], max_batch_tokens: int = 1024,
                      progress: Callable[[int, int], None] | None = None) -> list[torch.Tensor]:
     """items: (context ids, answer ids). For each item, the float64 log-probability of every answer token given
     the context and the answer tokens before it, as one unbatched forward pass of context + answer gives it.
