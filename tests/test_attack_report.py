@@ -94,7 +94,7 @@ def test_report_carries_the_matrix_and_the_curves(tmp_path):
     assert {path.name for path in (tmp_path / "report").glob("*.png")} >= {
         "attacks_by_models.png", "budget_success.png", "recovery_by_finetune_steps.png"}
     summary = (tmp_path / "report" / "summary.md").read_text()
-    assert "| random-insert [smollm2-135m] | 33% [6%, 79%] n=3 |" in summary
+    assert "| random-insert [smollm2-135m] x1 | 33% [6%, 79%] n=3 |" in summary
 
 
 @pytest.mark.parametrize("preset", ["quick", "full", "compare"])

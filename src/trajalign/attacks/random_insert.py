@@ -52,6 +52,10 @@ class RandomInsert(BaseAttack):
     def grid(self, behavior: Behavior) -> list[RandomInsertPosition]:
         return [RandomInsertPosition(insertions=self.insertions, sample=sample) for sample in range(self.samples)]
 
+    def headline(self, position: RandomInsertPosition) -> str:
+        """One row per number of spans: one insertion and three are different attacks."""
+        return f"x{position.insertions}"
+
     def tokens_needed(self, position: RandomInsertPosition) -> int:
         return 1
 
