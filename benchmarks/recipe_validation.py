@@ -5,11 +5,16 @@
         [--jbb-anchor-copies N] [--anchors SOURCE[:N] ...] [--anchor-answers self|reference]
         [--anchor-weight W] [--benign-mix prefix=0.25,insertion=0.25,plain=0.5] [--kl-weight L]
         [--preference] [--dpo-beta B] [--dpo-epochs E] [--dpo-learning-rate LR] [--pairs-per-behavior N]
-        [--harmful-extra SOURCE[:N] ...] [--rounds N] [--out runs/validation]
+        [--harmful-extra SOURCE[:N] ...] [--rounds N] [--name SETTING] [--out runs/validation]
+    python benchmarks/recipe_validation.py --table [--out runs/validation]
 
 The validation split (`trajalign.reproduce.validation_sets`) holds AdvBench behaviors after the training ones and
 benign prompts that are neither anchors nor over-refusal test prompts; this is where the presets' settings were
-chosen. Prints the reproduction's table for the one model.
+chosen. Each setting is scored as the study scores its models: recovery at every depth and after an insertion,
+refusal of each benign source, false breaks on benign controls (validation JailbreakBench benign and Self-Instruct
+prompts, perturbed as in the study) and the NLL of reference answers (Dolly's training part from its end, never an
+anchor, and the validation Self-Instruct tasks) against the original model. Settings that share `--out` share the
+original model's evaluation and form one ablation table, printed after each run and by `--table`.
 
 Over-refusal levers tried there: `--contrastive-pairs` adds the JailbreakBench harmful behavior of each
 JailbreakBench benign anchor (its twin) to the harmful training behaviors, except those whose goal is an AdvBench
@@ -29,25 +34,24 @@ trains again with the failures added (the validation row is the last round's).
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from trajalign.data.datasets import Behavior, load_behaviors
-from trajalign.data.trajectories import load_trajectories
-from trajalign.models.loading import load_model
-from trajalign.models.registry import DEFAULT_MODEL
+from trajalign.headline import from_summary, markdown
 from trajalign.reproduce import (
-    GENERATION_BATCH_SIZE,
+    BENIGN_INSERT_TRAJECTORIES,
     PRESETS,
     RECIPE_OF_ROLE,
     Reproduction,
     RoleTraining,
+    benign_control_behaviors,
     benign_sets,
     split_behaviors,
-    summary_markdown,
     validation_sets,
     without_advbench,
 )
-from trajalign.train.sources import parse_source
+from trajalign.train.sources import load_sources, parse_source
 
 ROLE_OF_RECIPE = {recipe: role for role, recipe in RECIPE_OF_ROLE.items()}
 
@@ -111,19 +115,56 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--harmful-extra", action="append", default=[], metavar="SOURCE[:N]",
                         help="lever 5: harmful training behaviors beside AdvBench's (repeatable)")
     parser.add_argument("--rounds", type=int, help="lever 6: on-policy rounds")
-    parser.add_argument("--out", type=Path, default=Path("runs/validation"))
+    parser.add_argument("--name", help="the setting's name in the ablation table (default: the recipe)")
+    parser.add_argument("--out", type=Path, default=Path("runs/validation"),
+                        help="shared by every setting of one ablation: the original model is evaluated there once")
+    parser.add_argument("--table", action="store_true", help="print the ablation table of --out and exit")
     return parser
+
+
+def validation_utility_sets(preset, self_instruct: list[Behavior]) -> dict[str, list[Behavior]]:
+    """Reference answers for utility on validation: Dolly's training part from its end (anchors take its first
+    rows) and the validation Self-Instruct user tasks; Dolly's evaluation part is the test."""
+    return {"dolly-validation": load_behaviors("dolly-train")[-preset.utility_prompts:],
+            "self-instruct-user": self_instruct}
+
+
+def frontier_row(name: str, headline, original) -> list[str]:
+    """One setting on the issue's scoreboard: its worst cell of each side, and the most it refuses a benign
+    source beyond the original model."""
+    excess = max((cell.rate - original.over_refusal[source].rate, source)
+                 for source, cell in headline.over_refusal.items())
+    nll = [f"{comparison['relative_change_pct']:+.1f}%" for comparison in headline.utility.values()
+           if "relative_change_pct" in comparison]
+    return [name, str(headline.recovery.get(0, "–")), str(headline.worst_recovery or "–"),
+            f"{excess[0]:+.0%} ({excess[1]})", str(headline.worst_false_break or "–"), " / ".join(nll) or "–"]
+
+
+def ablation_table(out: Path) -> list[str]:
+    """Every setting validated into `out` so far, beside the original model."""
+    settings = {path.stem: json.loads(path.read_text()) for path in sorted((out / "settings").glob("*.json"))}
+    summary = {"results": {name: s["results"] for name, s in settings.items()},
+               "utility": {name: s["utility"] for name, s in settings.items()}}
+    headlines = {h.model: h for h in from_summary(summary)}
+    header = ["setting", "refuse @0", "lowest recovery", "most over-refusal above original",
+              "highest false break", "NLL change (Dolly / Self-Instruct)"]
+    rows = [frontier_row(name, h, headlines["original"]) for name, h in headlines.items()]
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows), "", *markdown(list(headlines.values()))]
 
 
 def main() -> None:
     args = parser().parse_args()
-    role = ROLE_OF_RECIPE[args.recipe]
+    if args.table:
+        print("\n".join(ablation_table(args.out)))
+        return
     default = PRESETS[args.preset]
-    training = role_training(args, default.training[role])
+    name = args.name or args.recipe
+    training = role_training(args, default.training[ROLE_OF_RECIPE[args.recipe]]).model_copy(
+        update={"recipe": args.recipe})
     changes = {field: value for field, value in {"learning_rate": args.learning_rate,
                                                  "anchor_tokens": args.anchor_tokens}.items() if value is not None}
-    preset = default.model_copy(update={**changes, "training": {**default.training, role: training},
-                                        "decoding": False})
+    preset = default.model_copy(update={**changes, "training": {name: training}, "decoding": False})
     run = Reproduction(args.preset, args.out, preset=preset)
     train, _ = split_behaviors(preset)
     anchors, _ = benign_sets(preset)
@@ -132,15 +173,29 @@ def main() -> None:
     jbb_anchors = [anchor for anchor in anchors if anchor.dataset == "jbb-benign"]
     anchors = anchors + jbb_anchors * (args.jbb_anchor_copies - 1)
     harmful, benign = validation_sets(preset)
-    trajectories = load_trajectories(f"model:{DEFAULT_MODEL}", train + harmful, load_model(DEFAULT_MODEL),
-                                     preset.trajectory_tokens, GENERATION_BATCH_SIZE, cache_dir=args.out / "cache")
-    with run.stage(f"train {role}"):
-        run.train(role, train, anchors, trajectories)
-    with run.stage(f"validate {role}"):
-        results = {role: run.evaluate(role, harmful, trajectories, benign)}
+    controls = benign_control_behaviors(benign)
+    utility_sets = validation_utility_sets(preset, benign["self-instruct-user"])
+    reference_ids = {behavior.id for behavior in utility_sets["dolly-validation"]}
+    if any(anchor.id in reference_ids for anchor in load_sources(training.anchor_sources)):
+        raise SystemExit("an anchor source reaches Dolly's last rows, which score utility on validation")
+    with run.stage("trajectories") as progress:
+        trajectories = run.original_answers(train + harmful, progress)
+        answers = run.original_answers(controls, progress)
+        spans = run.original_answers(controls, progress, BENIGN_INSERT_TRAJECTORIES)
+    (args.out / "settings").mkdir(parents=True, exist_ok=True)
+    for role in ("original", name):
+        if role != "original":
+            with run.stage(f"train {role}") as progress:
+                run.train(role, train, anchors, trajectories, progress)
+        with run.stage(f"validate {role}") as progress:
+            results = run.evaluate(role, harmful, trajectories, benign, progress)
+            results |= run.evaluate_benign_controls(role, controls, answers, spans, progress)
+            utility = run.utility(role, utility_sets, progress)
+        settings = {"training": training.model_dump(mode="json"), **changes} if role != "original" else {}
+        (args.out / "settings" / f"{role}.json").write_text(json.dumps(
+            {"settings": settings, "results": results, "utility": utility, "timings_s": run.timings}, indent=2))
     print(f"settings: {preset.model_dump_json()}")
-    print(summary_markdown({"preset": f"{args.preset} (validation split)", "results": results, "probes": {},
-                            "timings_s": run.timings, "total_s": sum(run.timings.values())}))
+    print("\n".join(ablation_table(args.out)))
 
 
 if __name__ == "__main__":

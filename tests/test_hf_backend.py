@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from trajalign.backends.base import GenerationRequest, Sampling
-from trajalign.backends.hf import HFBackend
+from trajalign.backends.drafting import LookupDrafter
+from trajalign.backends.hf import Batch, HFBackend
 from trajalign.testing import tiny_handle
 
 PROMPTS = ["Write a poem about the sea", "Explain photosynthesis", "Hello there", "The quick brown fox jumps"]
@@ -103,6 +104,60 @@ def test_finished_rows_are_replaced_mid_flight():
     for request in requests:
         assert results[request.key].continuation_ids == reference_generate(
             lively, request.context, request.max_new_tokens), request.key
+
+
+def test_kv_budget_bounds_rows_times_columns_and_changes_no_token():
+    lively = lively_handle()
+    long_prompt = lively.chat.prompt_ids(" ".join(PROMPTS * 4))
+    requests = [GenerationRequest(f"long{index}", long_prompt, len(long_prompt), max_new_tokens=6 + index)
+                for index in range(3)] + depth_sweep(lively, max_new_tokens=6)
+    budget = 2 * (len(long_prompt) + 12)  # room for two long rows, or more short ones
+    shapes = []
+    hook = lively.model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append((kwargs["input_ids"].shape[0], kwargs["attention_mask"].shape[1])),
+        with_kwargs=True)
+    try:
+        backend = HFBackend(lively, batch_size=8, stop_ids=[], draft_cost=0.3, max_batch_tokens=budget)
+        results = {r.key: r for batch in backend.generate(requests) for r in batch}
+    finally:
+        hook.remove()
+    decode_steps = [(rows, columns) for rows, columns in shapes if columns > 0]
+    assert max(rows * columns for rows, columns in decode_steps[1:]) <= budget
+    assert max(rows for rows, _ in decode_steps) > 2  # short rows still fill a wider batch
+    for request in requests:
+        assert results[request.key].continuation_ids == reference_generate(
+            lively, request.context, request.max_new_tokens), request.key
+
+
+def test_draft_calibration_leaves_the_batch_cache_as_it_was():
+    lively = lively_handle()
+    calibrated = {}
+
+    class Recording(LookupDrafter):
+        def calibrate(self, relative_step_cost):
+            batch_cache = backend_batches[-1].cache
+            before = [(layer.keys.clone(), layer.values.clone()) for layer in batch_cache.layers]
+            calibrated["cost"] = relative_step_cost(4)
+            calibrated["same"] = all(torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+                                     for layer, (keys, values) in zip(batch_cache.layers, before))
+
+    backend_batches = []
+    original_admit = Batch.admit
+
+    def admit(self, rows):
+        backend_batches.append(self)
+        original_admit(self, rows)
+
+    requests = depth_sweep(lively, max_new_tokens=6)
+    try:
+        Batch.admit = admit
+        results = {r.key: r for batch in HFBackend(lively, batch_size=16, stop_ids=[], drafter=Recording(8))
+                   .generate(requests) for r in batch}
+    finally:
+        Batch.admit = original_admit
+    assert calibrated["same"] and calibrated["cost"] > 0
+    for request in requests:
+        assert results[request.key].continuation_ids == reference_generate(lively, request.context, 6), request.key
 
 
 def test_stops_at_end_of_turn(tiny):

@@ -103,7 +103,8 @@ class Evaluation:
     """
 
     def __init__(self, config: EvalConfig, handle: TokenizerHandle | None = None,
-                 trajectories: dict[str, Trajectory] | None = None, behaviors: list[Behavior] | None = None):
+                 trajectories: dict[str, Trajectory] | None = None, behaviors: list[Behavior] | None = None,
+                 judges: list | None = None):
         if config.defense is not None and not config.attack.accepts_defense:
             raise InputError(f"the {config.defense.kind} defense acts after injections; the {config.attack.kind} "
                              f"attack injects nothing")
@@ -115,6 +116,7 @@ class Evaluation:
         self._handle = handle
         self._trajectories = trajectories
         self._behaviors = behaviors
+        self._given_judges = judges  # config.judges already built (e.g. around a scorer model already loaded)
 
     @property
     def handle(self) -> TokenizerHandle:
@@ -124,7 +126,7 @@ class Evaluation:
         return self._handle
 
     def _judges(self):
-        judges = [make_judge(judge.name, **judge.options) for judge in self.config.judges]
+        judges = self._given_judges or [make_judge(judge.name, **judge.options) for judge in self.config.judges]
         if not any(isinstance(judge, KeywordJudge) for judge in judges):
             judges.append(KeywordJudge())
         return judges

@@ -220,7 +220,7 @@ class Reproduction:
         self.out = Path(out)
         self.display = display or LineDisplay()
         self.timings: dict[str, float] = {}
-        self._loaded = self._loaded_role = None
+        self._loaded = self._loaded_role = self._scorer = None
 
     @contextmanager
     def stage(self, name: str):
@@ -266,7 +266,7 @@ class Reproduction:
                 results[role] = self.evaluate(role, test, trajectories, over_refusal, progress)
                 results[role] |= self.evaluate_benign_controls(role, controls, benign_answers, benign_spans, progress)
             with self.stage(f"utility {role}") as progress:
-                utility[role] = self.utility(role, over_refusal["self-instruct-user"], progress)
+                utility[role] = self.utility(role, self.utility_sets(over_refusal["self-instruct-user"]), progress)
             with self.stage(f"probe {role}") as progress:
                 probes[role] = self.probe(role, test, trajectories, progress)
             with self.stage(f"held-out attacks {role}") as progress:
@@ -346,8 +346,11 @@ class Reproduction:
                             trajectory_tokens=self.preset.trajectory_tokens, attack=attack,
                             max_new_tokens=CONTINUATION_TOKENS, batch_size=GENERATION_BATCH_SIZE,
                             judges=judges or [JudgeConfig()], ablate=ablate, out=out)
-        evaluation = Evaluation(config, handle=self._handle(role), trajectories=trajectories)
-        return evaluation.run(progress and (lambda done, total: progress(done, total, f"{name} episodes")))["rows"]
+        evaluation = Evaluation(config, handle=self._handle(role), trajectories=trajectories,
+                                judges=self._built(config.judges, role))
+        rows = evaluation.run(progress and (lambda done, total: progress(done, total, f"{name} episodes")))["rows"]
+        release_memory()  # the freed KV caches would otherwise stay in the heap, under the next evaluation's peak
+        return rows
 
     def _handle(self, role: str):
         """The model of `role`, loaded once while consecutive stages use it; one model is resident at a time."""
@@ -357,8 +360,21 @@ class Reproduction:
             self._loaded_role = role
         return self._loaded
 
+    def _built(self, judges: list[JudgeConfig], role: str) -> list | None:
+        """The pmi judge scores with the original model: the one already loaded while the original is evaluated,
+        else a copy loaded once per model's evaluations rather than once per benign source."""
+        if not any(judge.name == "pmi" for judge in judges):
+            return None
+        from trajalign.helpfulness import PMIJudge
+        from trajalign.judges import make_judge
+
+        if self._scorer is None:
+            self._scorer = self._handle(role) if role == "original" else load_model(DEFAULT_MODEL)
+        return [PMIJudge(handle=self._scorer, **judge.options) if judge.name == "pmi"
+                else make_judge(judge.name, **judge.options) for judge in judges]
+
     def _release(self) -> None:
-        self._loaded = self._loaded_role = None
+        self._loaded = self._loaded_role = self._scorer = None
         release_memory()
 
     def evaluate(self, role: str, test, trajectories, over_refusal, progress=None) -> dict:
@@ -370,6 +386,7 @@ class Reproduction:
         helpfulness = [JudgeConfig(name="keyword"), JudgeConfig(name="pmi")]
         for name, behaviors in over_refusal.items():
             rows[name] = self._eval(role, name, Prefill(depths=[0]), behaviors, None, progress, judges=helpfulness)
+        self._scorer = None
         if preset.decoding:
             rows["decoding"] = self._eval(role, "decoding", Decoding(samples=1), test, None, progress)
         return rows
@@ -386,13 +403,16 @@ class Reproduction:
                 BENIGN_INSERT: self._eval(role, BENIGN_INSERT, self._insertion(), controls, spans, progress,
                                           source=BENIGN_INSERT_TRAJECTORIES)}
 
-    def utility(self, role: str, self_instruct: list[Behavior], progress=None) -> dict:
+    def utility_sets(self, self_instruct: list[Behavior]) -> dict[str, list[Behavior]]:
+        """The reference answers that measure utility: Dolly's evaluation part and the Self-Instruct user tasks."""
+        return {"dolly-eval": load_behaviors("dolly-eval", limit=self.preset.utility_prompts),
+                "self-instruct-user": self_instruct}
+
+    def utility(self, role: str, sets: dict[str, list[Behavior]], progress=None) -> dict:
         """Per reference set: the model's per-answer NLL rows (kept in `utility/ROLE/SET.json`) and, for a trained
         model, their change against the original's."""
         from trajalign.utility import compare
 
-        sets = {"dolly-eval": load_behaviors("dolly-eval", limit=self.preset.utility_prompts),
-                "self-instruct-user": self_instruct}
         results = {}
         for name, behaviors in sets.items():
             rows = self._utility_rows(role, name, behaviors, progress)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Iterable, Iterator
+from weakref import WeakKeyDictionary
 
 import torch
 
@@ -19,6 +21,8 @@ from trajalign.backends.drafting import Drafter, DraftRecord, DraftSlot, LookupD
 from trajalign.backends.sampling import sample_token
 from trajalign.batching import batches, pad_right
 from trajalign.errors import TrajalignError
+
+_STEP_COSTS: WeakKeyDictionary = WeakKeyDictionary()  # model -> {batch shape: relative step cost}
 
 
 def _cached_length(request: GenerationRequest) -> int:
@@ -187,25 +191,28 @@ class Batch:
 
     @torch.inference_mode()
     def relative_step_cost(self, extra: int, repeats: int = 3) -> float:
-        """Time of a step feeding 1 + extra tokens per row against a one-token step, on a cache of this batch's
-        shape (zeros: the batch's own cache is left as it is). The best of `repeats` timings of each."""
+        """Time of a step feeding 1 + extra tokens per row against a one-token step, on this batch's own cache
+        (all columns attended: only the shape matters). The best of `repeats` timings of each. A timed step
+        extends the cache into new tensors, never in place, and the cache is put back after it, so no second
+        cache of the batch's size is ever built beside it."""
         rows, width = self.mask.shape
+        kept = kv_cache.layer_tensors(self.cache) if width else None
 
         def seconds(feed: int, times: int) -> float:
             best = float("inf")
             for _ in range(times):
-                cache = kv_cache.from_layers(kv_cache.zeros(self.config, rows, width, self.dtype, self.device),
-                                             self.config) if width else None
                 inputs = {"input_ids": torch.full((rows, feed), self.pad_id, device=self.device),
                           "attention_mask": torch.ones((rows, width + feed), dtype=torch.long, device=self.device),
                           "use_cache": True, "logits_to_keep": feed}
-                if cache is not None:
-                    inputs[self.cache_keyword] = cache
+                if kept is not None:
+                    inputs[self.cache_keyword] = self.cache
                 _synchronize(self.device)
                 started = time.perf_counter()
                 self.model(**inputs)
                 _synchronize(self.device)
                 best = min(best, time.perf_counter() - started)
+                if kept is not None:
+                    kv_cache.restore(self.cache, kept)
             return best
 
         seconds(1, 1)  # warm-up
@@ -226,7 +233,9 @@ class HFBackend:
     the same forward pass as the others' next tokens. Greedy rows also feed drafts (`LookupDrafter` unless
     `draft_tokens=0` or another `drafter` is given) and keep those the model confirms: several tokens per row per
     forward pass when branches retrace each other, the output unchanged. `draft_cost` fixes the drafter's cost
-    model; unset, it is measured on the first batch.
+    model; unset, it is measured on the first batch. `max_batch_tokens` bounds the KV cache (rows x columns):
+    rows with long contexts are decoded fewer at a time rather than widening a batch of `batch_size` (None: no
+    bound).
     """
 
     name = "hf"
@@ -234,7 +243,8 @@ class HFBackend:
     identity = "hf"
 
     def __init__(self, handle, batch_size: int = 16, trunk_batch_size: int = 16, stop_ids: Iterable[int] | None = None,
-                 draft_tokens: int = 8, draft_cost: float | None = None, drafter: Drafter | None = None):
+                 draft_tokens: int = 8, draft_cost: float | None = None, drafter: Drafter | None = None,
+                 max_batch_tokens: int | None = 8192):
         if handle is None or getattr(handle, "model", None) is None:
             raise TrajalignError("the hf backend needs a loaded model")
         self.model = handle.model
@@ -243,6 +253,7 @@ class HFBackend:
         self.pad_id = handle.tokenizer.pad_token_id or 0
         self.batch_size = batch_size
         self.trunk_batch_size = trunk_batch_size
+        self.max_batch_tokens = max_batch_tokens
         self.drafter = drafter or (LookupDrafter(draft_tokens, draft_cost) if draft_tokens else NoDrafter())
         if kv_cache.has_sliding_window_layers(self.config):
             raise TrajalignError("the hf backend's KV reuse does not support sliding-window attention layers")
@@ -264,19 +275,25 @@ class HFBackend:
         batch = Batch(self.model, self.pad_id, self.stop_ids)
         finished: list[Row] = []
         exhausted = calibrated = False
+        held: Row | None = None  # the next row, waiting for room in the batch
         while True:
             admitted = []
             while not exhausted and len(batch) + len(admitted) < self.batch_size:
-                row = next(waiting, None)
+                row = held or next(waiting, None)
+                held = None
                 exhausted = row is None
-                if row is not None:
-                    admitted.append(row)
+                if row is None:
+                    break
+                if (len(batch) or admitted) and not self._fits(batch, admitted + [row]):
+                    held = row
+                    break
+                admitted.append(row)
             if admitted:
                 batch.admit(admitted)
             if not len(batch):
                 break
             if not calibrated:
-                self.drafter.calibrate(batch.relative_step_cost)
+                self.drafter.calibrate(partial(self._relative_step_cost, batch))
                 calibrated = True
             finished += batch.step(self.drafter, record)
             if len(finished) >= min(self.batch_size, 16):  # a wide batch still reports (and persists) as it goes
@@ -285,13 +302,37 @@ class HFBackend:
         if finished:
             yield [row.result() for row in finished]
 
+    def _relative_step_cost(self, batch: Batch, extra: int) -> float:
+        """`Batch.relative_step_cost`, measured once per model and batch shape (rows, width to a power of two)
+        in this process: every evaluation of a study builds its own backend, and each timing costs seven passes
+        over the whole batch."""
+        rows, width = batch.mask.shape
+        measured = _STEP_COSTS.setdefault(self.model, {})
+        shape = (rows, width.bit_length(), extra)
+        if shape not in measured:
+            measured[shape] = batch.relative_step_cost(extra)
+        return measured[shape]
+
+    def _fits(self, batch: Batch, admitted: list[Row]) -> bool:
+        """Whether the batch's KV cache, with these rows admitted, stays within `max_batch_tokens` columns over
+        all rows as long as each row may still grow (its context and every token it may yet generate)."""
+        if self.max_batch_tokens is None:
+            return True
+        width = batch.mask.shape[1] if batch.mask is not None else 0
+        growth = max((row.request.max_new_tokens - len(row.continuation) for row in batch.rows), default=0)
+        needed = max([width + growth] + [row.cached_length + len(row.forced) + row.request.max_new_tokens
+                                         for row in admitted])
+        return (len(batch) + len(admitted)) * needed <= self.max_batch_tokens
+
     def _rows(self, groups: dict[tuple[int, ...], list[GenerationRequest]]) -> Iterator[Row]:
-        """Requests ready to decode, trunk chunk by trunk chunk: a chunk is prefilled when its first row is due.
+        """Requests ready to decode, trunk chunk by trunk chunk, longest trunks first: a chunk is prefilled when
+        its first row is due.
 
         Within a chunk the deepest branches go first: what they generate is then there, whole, for the shallower
         branches of the same trunk to draft from (their continuations retrace it whenever the model does).
         """
-        for trunk_chunk in batches(groups.items(), self.trunk_batch_size):
+        by_length = sorted(groups.items(), key=lambda group: -max(map(_cached_length, group[1])))
+        for trunk_chunk in batches(by_length, self.trunk_batch_size):  # similar lengths: little padding
             states = self._prefill_trunks(trunk_chunk)
             pools = [[list(trunk)] for trunk, _ in trunk_chunk]
             members = [(request, state, pool) for (_, requests), state, pool in zip(trunk_chunk, states, pools)

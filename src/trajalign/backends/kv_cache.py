@@ -40,7 +40,7 @@ def has_sliding_window_layers(config) -> bool:
 
 def row_states(cache, lengths: list[int]) -> list[LayerStates | None]:
     """Per row of a prefilled cache: its first `length` columns per layer ([heads, length, head_dim]), or None."""
-    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    layers = layer_tensors(cache)
     return [[(keys[row, :, :length], values[row, :, :length]) for keys, values in layers] if length else None
             for row, length in enumerate(lengths)]
 
@@ -61,11 +61,15 @@ def right_aligned(states: list[LayerStates | None], lengths: list[int], width: i
     return layers
 
 
-def zeros(config, rows: int, width: int, dtype, device) -> LayerStates:
-    """Zero-filled layers of a batch's shape (for timing a step without touching the real cache)."""
-    layers_count, heads, head_dim = kv_shape(config)
-    return [(torch.zeros((rows, heads, width, head_dim), dtype=dtype, device=device),
-             torch.zeros((rows, heads, width, head_dim), dtype=dtype, device=device)) for _ in range(layers_count)]
+def layer_tensors(cache) -> LayerStates:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def restore(cache, layers: LayerStates) -> None:
+    """Put back the tensors `layer_tensors` returned: a forward pass replaces them (it concatenates its new
+    columns into new tensors) but never writes into them."""
+    for layer, (keys, values) in zip(cache.layers, layers):
+        layer.keys, layer.values = keys, values
 
 
 def from_layers(layers: LayerStates, config):
