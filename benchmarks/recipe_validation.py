@@ -160,6 +160,8 @@ def main() -> None:
         return
     default = PRESETS[args.preset]
     name = args.name or args.recipe
+    if name == "original":
+        raise SystemExit("--name original is the untrained model's row; choose another name")
     training = role_training(args, default.training[ROLE_OF_RECIPE[args.recipe]]).model_copy(
         update={"recipe": args.recipe})
     changes = {field: value for field, value in {"learning_rate": args.learning_rate,
