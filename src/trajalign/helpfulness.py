@@ -12,7 +12,7 @@ and the verdict "attempts the task" = not refused (keyword judge) and PMI >= thr
 from __future__ import annotations
 
 from trajalign.judges import JudgeInput, KeywordJudge
-from trajalign.likelihood import answer_log_probs
+from trajalign.likelihood import MAX_BATCH_TOKENS, answer_log_probs
 from trajalign.models.registry import DEFAULT_MODEL
 from trajalign.records import Verdict
 
@@ -39,7 +39,7 @@ def pmi_items(handle, items: list[JudgeInput], neutral_prompt: str) -> list[tupl
 
 
 def prompt_answer_pmi(handle, items: list[JudgeInput], neutral_prompt: str = NEUTRAL_PROMPT,
-                      max_batch_tokens: int = 1024) -> list[float | None]:
+                      max_batch_tokens: int = MAX_BATCH_TOKENS) -> list[float | None]:
     """Per-token PMI between each item's prompt and its continuation (None for an empty continuation)."""
     rows = pmi_items(handle, items, neutral_prompt)
     pairs = [(context, answer) for context, _, answer in rows] + [(neutral, answer) for _, neutral, answer in rows]
@@ -56,7 +56,7 @@ class PMIJudge:
     name = "pmi"
 
     def __init__(self, scorer: str = DEFAULT_MODEL, threshold: float = DEFAULT_THRESHOLD,
-                 neutral_prompt: str = NEUTRAL_PROMPT, max_batch_tokens: int = 1024, handle=None):
+                 neutral_prompt: str = NEUTRAL_PROMPT, max_batch_tokens: int = MAX_BATCH_TOKENS, handle=None):
         if handle is None:
             from trajalign.models.loading import load_model
 

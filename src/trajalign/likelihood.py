@@ -22,8 +22,13 @@ def token_budget_batches(lengths: list[int], max_batch_tokens: int) -> list[list
     return batches
 
 
+# Padded tokens per likelihood pass: the lm-head's logits over the answer positions are the widest tensor of the pass
+# (at 4096, a Dolly utility pass peaked 1.9 GB higher), and smaller passes waste less padding.
+MAX_BATCH_TOKENS = 1024
+
+
 @torch.inference_mode()
-def answer_log_probs(handle, items: list[tuple[list[int], list[int]]], max_batch_tokens: int = 1024,
+def answer_log_probs(handle, items: list[tuple[list[int], list[int]]], max_batch_tokens: int = MAX_BATCH_TOKENS,
                      progress: Callable[[int, int], None] | None = None) -> list[torch.Tensor]:
     """items: (context ids, answer ids). For each item, the float64 log-probability of every answer token given
     the context and the answer tokens before it, as one unbatched forward pass of context + answer gives it.

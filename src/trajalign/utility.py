@@ -11,7 +11,7 @@ from pydantic import Field
 
 from trajalign.data.datasets import Behavior, load_behaviors
 from trajalign.errors import InputError
-from trajalign.likelihood import answer_log_probs
+from trajalign.likelihood import MAX_BATCH_TOKENS, answer_log_probs
 from trajalign.models.loading import ModelSpec
 from trajalign.stats import bootstrap_interval
 
@@ -22,7 +22,7 @@ class UtilityConfig(ModelSpec):
     reference_model: str | None = Field(default=None, description="model spec to compare with (the original)")
     dataset: str = Field(default="dolly-eval", description="behaviors with reference answers (bundled or a file)")
     limit: int | None = Field(default=None, description="first N behaviors only")
-    max_batch_tokens: int = Field(default=1024, gt=0, description="padded tokens per forward pass")
+    max_batch_tokens: int = Field(default=MAX_BATCH_TOKENS, gt=0, description="padded tokens per forward pass")
     resamples: int = Field(default=1000, gt=0, description="bootstrap resamples for the interval")
     out: Path = Field(default=Path("runs/utility.json"), description="JSON result file")
 
@@ -43,7 +43,7 @@ def reference_items(handle, behaviors: list[Behavior]) -> list[tuple[list[int], 
             for behavior in behaviors]
 
 
-def reference_nll(handle, behaviors: list[Behavior], max_batch_tokens: int = 1024,
+def reference_nll(handle, behaviors: list[Behavior], max_batch_tokens: int = MAX_BATCH_TOKENS,
                   progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """Per behavior: reference tokens, their summed NLL and the mean per-token NLL (nats)."""
     all_log_probs = answer_log_probs(handle, reference_items(handle, behaviors), max_batch_tokens, progress)
