@@ -220,4 +220,6 @@ def test_compare_preset_trains_every_comparator_on_the_same_behaviors_and_anchor
         run.train(role, train, anchors, {})
     assert {role: config.recipe.name for role, (config, _) in seen.items()} == {
         "shallow": "refusal-sft", "trajectory": "trajectory", **{name: name for name in COMPARATORS}}
-    assert all(inputs["harmful"] == train and inputs["benign"] == anchors for _, inputs in seen.values())
+    harmful = train + load_behaviors("catqa")[:100]
+    benign = anchors + load_behaviors("coconot-pref")[:200] + load_behaviors("dolly-train")[:200]
+    assert all(inputs["harmful"] == harmful and inputs["benign"] == benign for _, inputs in seen.values())

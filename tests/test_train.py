@@ -128,6 +128,18 @@ def test_rto_needs_no_extra_forward_pass(tmp_path):
     assert steps == 4 and len(calls) == passes  # one forward per pass, RTO labels included
 
 
+def test_a_finished_model_is_reused_only_with_the_settings_it_was_trained_with(tmp_path):
+    from trajalign.errors import InputError
+
+    config = tiny_config(tmp_path, recipe=RecipeConfig(name="rto", benign_ratio=0.0), epochs=1)
+    run_training(config, handle=tiny_handle())
+    trained_at = (config.out / "model.safetensors").stat().st_mtime_ns
+    assert run_training(config) == config.out
+    assert (config.out / "model.safetensors").stat().st_mtime_ns == trained_at
+    with pytest.raises(InputError, match="different config.*learning_rate"):
+        run_training(config.model_copy(update={"learning_rate": 1e-4}))
+
+
 def test_tiny_model_learns_to_refuse_held_out_prompts(tmp_path):
     from trajalign.data.datasets import load_behaviors
 

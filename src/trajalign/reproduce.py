@@ -94,32 +94,46 @@ class Preset(BaseModel):
 # The field's deep-alignment methods, trained on the same behaviors and anchors as the trajectory recipe.
 COMPARATORS = ("prefix-constrained", "rto", "circuit-breaker", "refusal-ablation", "backtracking")
 
+# The trajectory model's training data beyond the preset's behaviors and anchors, chosen on the validation split
+# (benchmarks/recipe_validation.py, the README's ablation table): harmless requests that look unsafe (CoCoNot)
+# and everyday questions (Dolly), with the datasets' own answers, two anchor rows per harmful row, and CatQA's
+# harmful questions. At quick scale, against the former recipe (none of these): recovery at depth 40 90% against
+# 52%, refusals of the four harmless sources 55/85/20/75% against 75/90/55/95%, reference NLL -6% against +9%;
+# false breaks no better (44% against 32% at depth 40, within the intervals elsewhere).
+def trajectory_data(harmful: int = 100, anchors: int = 200) -> dict:
+    return dict(benign_ratio=2.0, harmful_sources=[HarmfulSource(name="catqa", limit=harmful)],
+                anchor_sources=[AnchorSource(name=name, limit=anchors, answers="reference")
+                                for name in ("coconot-pref", "dolly-train")])
+
+
+TRAJECTORY_DATA = trajectory_data()
+
 PRESETS = {
     # Every stage on a handful of behaviors, for a first look and for CI; its numbers mean nothing.
     "smoke": Preset(train_behaviors=8, test_behaviors=4, trajectory_tokens=16, anchors=8, anchor_tokens=16,
                     training={"shallow": RoleTraining(epochs=1, benign_ratio=1.0),
-                              "trajectory": RoleTraining(epochs=1, benign_ratio=1.0)},
+                              "trajectory": RoleTraining(epochs=1, **trajectory_data(harmful=4, anchors=4))},
                     depths=[0, 5, 10], insert_after=4, insert_length=5, over_refusal_prompts=4,
                     direction_prompts=4, layer_step=10, steering_prompts=4, utility_prompts=8),
     "quick": Preset(train_behaviors=48, test_behaviors=20, trajectory_tokens=40, anchors=48, anchor_tokens=24,
                     training={"shallow": RoleTraining(epochs=2, benign_ratio=1.0),
-                              "trajectory": RoleTraining(epochs=2, benign_ratio=1.0)},
+                              "trajectory": RoleTraining(epochs=2, **TRAJECTORY_DATA)},
                     utility_prompts=60),
     # The shallow model's refusal rows are short: two epochs with each anchor twice cost what three epochs with
     # each once do, and halved its XSTest refusals on validation. The same for the trajectory model (three
     # epochs, anchors twice) cut its over-refusal less and took 230 s more than the preset's 25 minutes allow.
     "full": Preset(train_behaviors=160, test_behaviors=40, trajectory_tokens=48, anchors=160, anchor_tokens=24,
                    training={"shallow": RoleTraining(epochs=2, benign_ratio=2.0),
-                             "trajectory": RoleTraining(epochs=3, benign_ratio=1.0)},
+                             "trajectory": RoleTraining(epochs=3, **TRAJECTORY_DATA)},
                    over_refusal_prompts=40, decoding=True, direction_prompts=32,
                    layer_step=3, held_out="full"),
-    # Every comparator beside the study's two models, at the full preset's test size on fewer training behaviors.
-    # Its settings are the presets' defaults, not yet chosen per method on the validation split, and its running
-    # time is not yet measured.
+    # Every comparator beside the study's two models, at the full preset's test size on fewer training behaviors,
+    # every model trained on the trajectory model's data. Its settings are the presets' defaults, not yet chosen
+    # per method on the validation split, and its running time is not yet measured.
     "compare": Preset(train_behaviors=96, test_behaviors=40, trajectory_tokens=48, anchors=96, anchor_tokens=24,
-                      training={"shallow": RoleTraining(epochs=2, benign_ratio=2.0),
-                                "trajectory": RoleTraining(epochs=3, benign_ratio=1.0),
-                                **{name: RoleTraining(recipe=name, epochs=2, benign_ratio=1.0)
+                      training={"shallow": RoleTraining(epochs=2, **TRAJECTORY_DATA),
+                                "trajectory": RoleTraining(epochs=3, **TRAJECTORY_DATA),
+                                **{name: RoleTraining(recipe=name, epochs=2, **TRAJECTORY_DATA)
                                    for name in COMPARATORS}},
                       over_refusal_prompts=40, direction_prompts=32, layer_step=3, held_out="full"),
 }

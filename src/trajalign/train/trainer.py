@@ -260,15 +260,15 @@ def run_training(config: TrainConfig, handle=None, harmful: list[Behavior] | Non
 
         return run_rounds(config, handle, harmful, benign, trajectories, cache_dir)[-1]
     out = config.out
-    if (out / DONE_MARKER).exists():
-        return out
     objective = objective_for(config.recipe.name)
     config = objective.configure(config)
     if config.preference and config.lora and not config.lora.merge:
         raise InputError("preference: the DPO stage trains on the merged SFT model; set lora.merge to true")
     is_main = int(os.environ.get("RANK", "0")) == 0
-    if is_main:
+    if is_main:  # before the finished check: a model trained with other settings is refused, not reused
         write_config(out, config)
+    if (out / DONE_MARKER).exists():
+        return out
     handle = handle or config.load_model()
     harmful = harmful if harmful is not None else load_harmful(config)
     benign = benign if benign is not None else load_benign(config)
