@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from trajalign.errors import InputError, where
+from trajalign.errors import InputError, TrajalignError, where
 from trajalign.records import Episode
 from trajalign.stats import wilson_interval
 
@@ -58,13 +58,22 @@ class EpisodeLog:
             os.fsync(handle.fileno())
 
 
+def _as_read_now(config: BaseModel, saved) -> dict:
+    """A saved config as this version reads it: a field added since it was written takes its default, so that a
+    directory resumes when none of its settings changed. One this version cannot read stays as it was saved."""
+    try:
+        return json.loads(type(config).model_validate({**saved, "out": config.out}).model_dump_json(exclude={"out"}))
+    except (ValidationError, TypeError, TrajalignError):
+        return saved if isinstance(saved, dict) else {}
+
+
 def write_config(directory: Path, config: BaseModel) -> None:
     """Write the run's config; refuse to resume a directory that holds a different one."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / CONFIG_FILE
     current = json.loads(config.model_dump_json(exclude={"out"}))
     if path.exists():
-        previous = yaml.safe_load(path.read_text(encoding="utf-8"))
+        previous = _as_read_now(config, yaml.safe_load(path.read_text(encoding="utf-8")))
         if previous != current:
             changed = sorted(key for key in set(previous) | set(current) if previous.get(key) != current.get(key))
             raise InputError(f"{path}: this run directory holds a different config (differs in: "
