@@ -6,11 +6,14 @@
         [--anchor-weight W] [--benign-mix prefix=0.25,insertion=0.25,plain=0.5] [--kl-weight L]
         [--preference] [--dpo-beta B] [--dpo-epochs E] [--dpo-learning-rate LR] [--pairs-per-behavior N]
         [--harmful-extra SOURCE[:N] ...] [--rounds N] [--name SETTING] [--out runs/validation]
-    python benchmarks/recipe_validation.py --table [--out runs/validation]
+    python benchmarks/recipe_validation.py --table [--out runs/validation] [--figure frontier.png]
 
 The validation split (`trajalign.reproduce.validation_sets`) holds AdvBench behaviors after the training ones and
 benign prompts that are neither anchors nor over-refusal test prompts; this is where the presets' settings were
-chosen. Each setting is scored as the study scores its models: recovery at every depth and after an insertion,
+chosen. A setting starts from the preset's settings for its model, and `--anchors` and `--harmful-extra` replace
+the preset's extra sources. The README's ablation rows started from the trajectory model's settings before the
+presets took CoCoNot, Dolly and CatQA (commit 89ac8e6); each row's settings are in its `settings/NAME.json`, whole.
+Each setting is scored as the study scores its models: recovery at every depth and after an insertion,
 refusal of each benign source, false breaks on benign controls (validation JailbreakBench benign and Self-Instruct
 prompts, perturbed as in the study) and the NLL of reference answers (Dolly's training part from its end, never an
 anchor, and the validation Self-Instruct tasks) against the original model. Settings that share `--out` share the
@@ -119,6 +122,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("runs/validation"),
                         help="shared by every setting of one ablation: the original model is evaluated there once")
     parser.add_argument("--table", action="store_true", help="print the ablation table of --out and exit")
+    parser.add_argument("--figure", type=Path, help="with --table: also save the frontier, one point per setting, "
+                        "to this image file")
     return parser
 
 
@@ -140,12 +145,17 @@ def frontier_row(name: str, headline, original) -> list[str]:
             f"{excess[0]:+.0%} ({excess[1]})", str(headline.worst_false_break or "–"), " / ".join(nll) or "–"]
 
 
-def ablation_table(out: Path) -> list[str]:
-    """Every setting validated into `out` so far, beside the original model."""
+def setting_headlines(out: Path) -> dict:
+    """The headline of every setting validated into `out` so far, the original model's included."""
     settings = {path.stem: json.loads(path.read_text()) for path in sorted((out / "settings").glob("*.json"))}
     summary = {"results": {name: s["results"] for name, s in settings.items()},
                "utility": {name: s["utility"] for name, s in settings.items()}}
-    headlines = {h.model: h for h in from_summary(summary)}
+    return {h.model: h for h in from_summary(summary)}
+
+
+def ablation_table(out: Path) -> list[str]:
+    """Every setting validated into `out` so far, beside the original model."""
+    headlines = setting_headlines(out)
     header = ["setting", "refuse @0", "lowest recovery", "most over-refusal above original",
               "highest false break", "NLL change (Dolly / Self-Instruct)"]
     rows = [frontier_row(name, h, headlines["original"]) for name, h in headlines.items()]
@@ -157,6 +167,11 @@ def main() -> None:
     args = parser().parse_args()
     if args.table:
         print("\n".join(ablation_table(args.out)))
+        if args.figure:
+            from trajalign.report import frontier_figure
+
+            frontier_figure(list(setting_headlines(args.out).values())).savefig(args.figure, dpi=120,
+                                                                                bbox_inches="tight")
         return
     default = PRESETS[args.preset]
     name = args.name or args.recipe

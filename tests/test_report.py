@@ -7,7 +7,7 @@ import pytest
 from trajalign.attacks import Decoding, Insert, Prefill, PrefillPosition
 from trajalign.evaluate import EvalConfig, Evaluation
 from trajalign.records import Episode
-from trajalign.report import build_report
+from trajalign.report import build_report, series_style
 from trajalign.runs import EpisodeLog
 from trajalign.testing import save_tiny_model
 
@@ -153,3 +153,8 @@ def test_between_model_table_reads_the_source_of_the_shared_direction_on_its_own
     assert all(row["mean_shared_projection"] == own[row["depth"]] for row in profiles["original"])
     header, rows = between_model_table(profiles)
     assert header[1:] == ["aligned: projection / recovery", "original: projection / recovery"] and len(rows) == 3
+
+
+def test_the_compare_presets_models_each_get_their_own_colour_and_marker():
+    looks = {(style["color"], style["marker"]) for style in map(series_style, range(20))}
+    assert len(looks) == 20

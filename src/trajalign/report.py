@@ -36,6 +36,13 @@ from trajalign.stats import mcnemar_exact, wilson_interval
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
 DASHES = ["-", "--", "-.", ":", "-", "--", "-."]
+
+
+def series_style(index: int) -> dict:
+    """Colour, marker and dash of the index-th model. The marker shifts by one each time the colours come round,
+    so that the compare preset's eighth model does not look like its first."""
+    return dict(color=PALETTE[index % len(PALETTE)], marker=MARKERS[(index + index // len(PALETTE)) % len(MARKERS)],
+                linestyle=DASHES[index % len(DASHES)])
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
@@ -97,9 +104,9 @@ def depth_figure(episodes: list[Episode]):
         depths = sorted(by_depth)
         rates = [sum(by_depth[d]) / len(by_depth[d]) for d in depths]
         bands = [wilson_interval(sum(by_depth[d]), len(by_depth[d])) for d in depths]
-        colour = PALETTE[index % len(PALETTE)]
-        axis.plot(depths, rates, DASHES[index % 7], marker=MARKERS[index % 7], color=colour, label=model)
-        axis.fill_between(depths, [b[0] for b in bands], [b[1] for b in bands], color=colour, alpha=0.15)
+        style = series_style(index)
+        axis.plot(depths, rates, **style, label=model)
+        axis.fill_between(depths, [b[0] for b in bands], [b[1] for b in bands], color=style["color"], alpha=0.15)
     axis.set_xlabel("prefill depth k (target-model tokens)")
     axis.set_ylabel("recovery rate (refusal in continuation)")
     axis.set_ylim(-0.02, 1.02)
@@ -258,8 +265,9 @@ def frontier_figure(headlines: list[Headline]):
             x, y = getattr(h, attribute), h.worst_recovery
             if x is None or y is None:
                 continue
-            axis.errorbar(x.rate, y.rate, xerr=_error_bar(x), yerr=_error_bar(y), fmt=MARKERS[index % len(MARKERS)],
-                          color=PALETTE[index % len(PALETTE)], capsize=3, label=h.model)
+            style = series_style(index)
+            axis.errorbar(x.rate, y.rate, xerr=_error_bar(x), yerr=_error_bar(y), fmt=style["marker"],
+                          color=style["color"], capsize=3, label=h.model)
         axis.set_xlim(-0.02, 1.02)
         axis.set_ylim(-0.02, 1.02)
         axis.set_xlabel(xlabel)
@@ -344,7 +352,7 @@ def between_model_figure(profiles: dict[str, list[dict]]):
     plt = pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
     for index, (model, rows) in enumerate(sorted(profiles.items())):
-        style = dict(color=PALETTE[index % 7], marker=MARKERS[index % 7], linestyle=DASHES[index % 7], label=model)
+        style = series_style(index) | {"label": model}
         depths = [row["depth"] for row in rows]
         left.plot(depths, [row["mean_shared_projection"] for row in rows], **style)
         right.plot(depths, [row["recovery_rate"] for row in rows], **style)
