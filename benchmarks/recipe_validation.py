@@ -11,8 +11,9 @@
 The validation split (`trajalign.reproduce.validation_sets`) holds AdvBench behaviors after the training ones and
 benign prompts that are neither anchors nor over-refusal test prompts; this is where the presets' settings were
 chosen. A setting starts from the preset's settings for its model, and `--anchors` and `--harmful-extra` replace
-the preset's extra sources. The README's ablation rows started from the trajectory model's settings before the
-presets took CoCoNot, Dolly and CatQA (commit 89ac8e6); each row's settings are in its `settings/NAME.json`, whole.
+the preset's extra sources (`none`: no extra ones). The README's ablation rows started from the trajectory model's
+settings before the presets took CoCoNot, Dolly and CatQA (commit 89ac8e6): its baseline row is now `--anchors none
+--harmful-extra none --benign-ratio 1`, and each row's settings are in its `settings/NAME.json`, whole.
 Each setting is scored as the study scores its models: recovery at every depth and after an insertion,
 refusal of each benign source, false breaks on benign controls (validation JailbreakBench benign and Self-Instruct
 prompts, perturbed as in the study) and the NLL of reference answers (Dolly's training part from its end, never an
@@ -25,11 +26,11 @@ goal (the validation and test behaviors are AdvBench's); `--jbb-anchor-copies N`
 anchor N times among the anchors to sample from.
 
 The levers of issue 18, each a setting of the role's training (`trajalign.reproduce.RoleTraining`):
-(1) `--anchors coconot-pref:200 --anchors dolly-train:200` adds anchor sources, answered by the original model
-(`--anchor-answers self`) or by the datasets' own answers (`reference`), `--anchor-weight` times as often per
-prompt as the preset's anchors; (2) `--benign-mix` perturbs that share of the anchor rows (prefill, insertion of
+(1) `--anchors coconot-pref:200 --anchors dolly-train:200` sets the extra anchor sources, answered by the
+original model (`--anchor-answers self`) or by the datasets' own answers (`reference`), `--anchor-weight` times as
+often per prompt as the preset's anchors; (2) `--benign-mix` perturbs that share of the anchor rows (prefill, insertion of
 another benign answer's span) and trains them to continue; (3) `--kl-weight` adds KL(original || model) on benign
-rows; (4) `--preference` runs DPO after SFT; (5) `--harmful-extra catqa:200` adds harmful training behaviors
+rows; (4) `--preference` runs DPO after SFT; (5) `--harmful-extra catqa:200` sets the extra harmful behaviors
 (none whose goal is an AdvBench goal); (6) `--rounds N` attacks each round's model on its training behaviors and
 trains again with the failures added (the validation row is the last round's).
 """
@@ -84,8 +85,9 @@ def role_training(args: argparse.Namespace, default: RoleTraining) -> RoleTraini
     changes = {field: value for field, value in {
         "benign_ratio": args.benign_ratio, "epochs": args.epochs, "lora": {"r": args.lora} if args.lora else None,
         "anchor_sources": [{**parse_source(source), "answers": args.anchor_answers, "weight": args.anchor_weight}
-                           for source in args.anchors] or None,
-        "harmful_sources": args.harmful_extra or None, "benign_mix": args.benign_mix, "kl_weight": args.kl_weight,
+                           for source in args.anchors if source != "none"] if args.anchors else None,
+        "harmful_sources": [source for source in args.harmful_extra if source != "none"] if args.harmful_extra
+        else None, "benign_mix": args.benign_mix, "kl_weight": args.kl_weight,
         "preference": preference, "rounds": args.rounds}.items() if value is not None}
     return RoleTraining.model_validate({**default.model_dump(), **changes})
 
@@ -102,7 +104,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--contrastive-pairs", action="store_true")
     parser.add_argument("--jbb-anchor-copies", type=int, default=1)
     parser.add_argument("--anchors", action="append", default=[], metavar="SOURCE[:N]",
-                        help="lever 1: an anchor source beside the preset's (repeatable)")
+                        help="lever 1: an anchor source beside the preset's own anchors, instead of the preset's "
+                        "extra ones (repeatable; 'none': no extra anchors)")
     parser.add_argument("--anchor-answers", choices=["self", "reference"], default="self",
                         help="lever 1: answers of the --anchors sources")
     parser.add_argument("--anchor-weight", type=float, default=1.0,
@@ -116,14 +119,15 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--dpo-learning-rate", type=float)
     parser.add_argument("--pairs-per-behavior", type=int)
     parser.add_argument("--harmful-extra", action="append", default=[], metavar="SOURCE[:N]",
-                        help="lever 5: harmful training behaviors beside AdvBench's (repeatable)")
+                        help="lever 5: harmful training behaviors beside AdvBench's, instead of the preset's "
+                        "extra ones (repeatable; 'none': AdvBench's only)")
     parser.add_argument("--rounds", type=int, help="lever 6: on-policy rounds")
     parser.add_argument("--name", help="the setting's name in the ablation table (default: the recipe)")
     parser.add_argument("--out", type=Path, default=Path("runs/validation"),
                         help="shared by every setting of one ablation: the original model is evaluated there once")
     parser.add_argument("--table", action="store_true", help="print the ablation table of --out and exit")
-    parser.add_argument("--figure", type=Path, help="with --table: also save the frontier, one point per setting, "
-                        "to this image file")
+    parser.add_argument("--figure", type=Path, help="as --table, and save the frontier (one point per setting) to "
+                        "this image file")
     return parser
 
 
@@ -165,7 +169,7 @@ def ablation_table(out: Path) -> list[str]:
 
 def main() -> None:
     args = parser().parse_args()
-    if args.table:
+    if args.table or args.figure:
         print("\n".join(ablation_table(args.out)))
         if args.figure:
             from trajalign.report import frontier_figure

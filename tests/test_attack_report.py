@@ -99,11 +99,14 @@ def test_report_carries_the_matrix_and_the_curves(tmp_path):
 
 @pytest.mark.parametrize("preset", ["quick", "full", "compare"])
 def test_held_out_attacks_per_preset_are_valid_eval_configs(preset, tmp_path):
-    attacks = held_out_attacks(preset, train_behaviors=Path("train.jsonl"), foreign_model="runs/other")
+    attacks = held_out_attacks(preset, train_behaviors=Path("train.jsonl"), foreign_model="runs/other",
+                               benign_sft=Path("benign.jsonl"))
     assert "random-insert" in attacks
     if preset != "quick":
         assert {"random-insert-x3", "prefill-target", "prefill-sampled", "prefill-foreign", "adaptive", "ablation",
                 "finetune-harmful", "finetune-benign"} <= set(attacks)
+        assert attacks["finetune-harmful"].attack.train_dataset == "train.jsonl"
+        assert attacks["finetune-benign"].attack.train_dataset == "benign.jsonl"
         assert attacks["prefill-sampled"].trajectories.endswith("@T=1") and attacks["ablation"].ablate
     for held_out in attacks.values():
         config = EvalConfig(attack=held_out.attack, trajectories=held_out.trajectories, out=tmp_path)

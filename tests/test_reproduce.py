@@ -15,7 +15,7 @@ from trajalign.reproduce import (
     without_advbench,
 )
 from trajalign.train.preference import PreferenceSettings
-from trajalign.train.sources import AnchorSource, HarmfulSource
+from trajalign.train.sources import AnchorSource, HarmfulSource, load_sources
 from trajalign.train.trainer import LoraSettings
 
 
@@ -223,3 +223,14 @@ def test_compare_preset_trains_every_comparator_on_the_same_behaviors_and_anchor
     harmful = train + load_behaviors("catqa")[:100]
     benign = anchors + load_behaviors("coconot-pref")[:200] + load_behaviors("dolly-train")[:200]
     assert all(inputs["harmful"] == harmful and inputs["benign"] == benign for _, inputs in seen.values())
+
+
+@pytest.mark.parametrize("preset", ["full", "compare"])
+def test_benign_fine_tuning_attack_trains_on_dolly_rows_that_no_model_has_as_anchors(preset, tmp_path):
+    run = Reproduction(preset, tmp_path)
+    anchored = {anchor.id for training in run.preset.training.values()
+                for anchor in load_sources(training.anchor_sources)}
+    assert any(anchor.startswith("dolly") for anchor in anchored)  # else the test checks nothing
+    rows = run.benign_sft_behaviors()
+    assert len(rows) == 160 and all(row.dataset == "dolly-train" and row.reference for row in rows)
+    assert not anchored & {row.id for row in rows}

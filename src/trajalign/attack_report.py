@@ -132,19 +132,18 @@ def steps_curves(episodes: list[Episode]) -> dict[str, list[dict]]:
             for series, by_steps in sorted(outcomes.items())}
 
 
-def curve_figure(curves: dict[str, list[dict]], x: str, xlabel: str, ylabel: str, pyplot, palette, markers, dashes,
+def curve_figure(curves: dict[str, list[dict]], x: str, xlabel: str, ylabel: str, pyplot, series_style,
                  log_x: bool = False):
-    """One line per series with its Wilson band."""
+    """One line per series with its Wilson band; `series_style(index)` gives a series' colour, marker and dash."""
     if not curves:
         return None
     figure, axis = pyplot.subplots(figsize=(6.4, 3.8))
     for index, (series, points) in enumerate(curves.items()):
         xs = [point[x] for point in points]
-        colour = palette[index % len(palette)]
-        axis.plot(xs, [point["rate"] for point in points], dashes[index % len(dashes)],
-                  marker=markers[index % len(markers)], color=colour, label=series)
+        style = series_style(index)
+        axis.plot(xs, [point["rate"] for point in points], **style, label=series)
         axis.fill_between(xs, [point["ci95"][0] for point in points], [point["ci95"][1] for point in points],
-                          color=colour, alpha=0.15)
+                          color=style["color"], alpha=0.15)
     if log_x:
         axis.set_xscale("log", base=2)
     axis.set_xlabel(xlabel)

@@ -428,7 +428,7 @@ def rate_table(episodes: list[Episode]) -> list[dict]:
 def held_out_figures(harmful: list[Episode], plt) -> list[tuple]:
     """The attacks x models heatmap, the adaptive search's budget-success curve and recovery against fine-tuning
     steps: (title, file name, figure or None)."""
-    style = (plt, PALETTE, MARKERS, DASHES)
+    style = (plt, series_style)
     return [("Attacks × models: recovery with Wilson 95% intervals", "attacks_by_models",
              matrix_figure(attack_matrix(harmful), plt)),
             ("Adaptive search: attack success against the query budget per behavior", "budget_success",

@@ -2,8 +2,8 @@
 
 Stages: split AdvBench by behavior; harmful trajectories from the original (unaligned) model, and its own answers to
 the everyday benign prompts; the original model evaluated and probed; then, one after the other, a shallow model
-(refusal-sft) and a deep one (trajectory recipe), each trained (on the original's benign anchors too), evaluated the
-same way and probed (refusal direction, and the original's direction for the between-model view); a summary and
+(refusal-sft) and a deep one (trajectory recipe), each trained (on benign anchors too; the deep one also on CatQA,
+CoCoNot and Dolly, `trajectory_data`), evaluated the same way and probed (refusal direction, and the original's direction for the between-model view); a summary and
 the report. One model is resident at a time, and each is loaded once for its stages.
 
 Each model is evaluated on both sides of depth: harmful prompts (refusal at depth 0, recovery after a prefill of k
@@ -73,8 +73,9 @@ class Preset(BaseModel):
     test_behaviors: int
     trajectory_tokens: int
     anchors: int
-    anchor_tokens: int = Field(description="length of the self-distilled benign answers: the loss averages over "
-                               "tokens, so short anchors give their opening (answer, not refuse) more weight")
+    anchor_tokens: int = Field(description="length of the benign answers trained on (self-distilled or the "
+                               "datasets' own): the loss averages over tokens, so short anchors give their opening "
+                               "(answer, not refuse) more weight")
     learning_rate: float = Field(default=3e-4, description="chosen on a validation split of training behaviors")
     training: dict[str, RoleTraining] = Field(description="per aligned model (shallow, trajectory)")
     depths: list[int] = [0, 5, 10, 20, 40]
@@ -120,8 +121,8 @@ PRESETS = {
                               "trajectory": RoleTraining(epochs=2, **TRAJECTORY_DATA)},
                     utility_prompts=60),
     # The shallow model's refusal rows are short: two epochs with each anchor twice cost what three epochs with
-    # each once do, and halved its XSTest refusals on validation. The same for the trajectory model (three
-    # epochs, anchors twice) cut its over-refusal less and took 230 s more than the preset's 25 minutes allow.
+    # each once do, and halved its XSTest refusals on validation. For the trajectory model (before it took
+    # `trajectory_data`), three epochs with anchors twice cut its over-refusal less than the extra time was worth.
     "full": Preset(train_behaviors=160, test_behaviors=40, trajectory_tokens=48, anchors=160, anchor_tokens=24,
                    training={"shallow": RoleTraining(epochs=2, benign_ratio=2.0),
                              "trajectory": RoleTraining(epochs=3, **TRAJECTORY_DATA)},
@@ -139,6 +140,7 @@ PRESETS = {
 }
 RECIPE_OF_ROLE = {"shallow": "refusal-sft", "trajectory": "trajectory"}
 CONTINUATION_TOKENS = 24  # what the judge reads
+BENIGN_SFT_ROWS = 160  # the benign fine-tuning attack's training rows (the attack's default train_limit)
 # A decode step of 64 rows costs far less than four of 16 (benchmarks/step_cost.py), so trajectories and
 # evaluations, the sampled decoding sweep above all, run in wide batches.
 GENERATION_BATCH_SIZE = 64
@@ -452,14 +454,25 @@ class Reproduction:
         """The attacks no recipe trains on, each on the test behaviors, in `evals/ROLE/held-out/NAME`: random
         insertion; with the full set also foreign trajectories, the adaptive search, abliteration with the model's
         own refusal direction and, on the aligned models, fine-tuning on the training behaviors."""
-        train_file = write_behaviors(self.out / "held-out-train.jsonl", train) if role != "original" else None
+        train_file = benign_sft = None
+        if role != "original":
+            train_file = write_behaviors(self.out / "held-out-train.jsonl", train)
+            benign_sft = write_behaviors(self.out / "held-out-benign-sft.jsonl", self.benign_sft_behaviors())
         rows = {}
-        for name, spec in held_out_attacks(self.preset.held_out, train_file, DEFAULT_MODEL).items():
+        for name, spec in held_out_attacks(self.preset.held_out, train_file, DEFAULT_MODEL,
+                                           benign_sft=benign_sft).items():
             ablate = AblationConfig(direction=self.out / "probes" / role / "direction") if spec.ablate else None
             given = trajectories if spec.trajectories == ORIGINAL_TRAJECTORIES else None
             rows[name] = self._eval(role, f"held-out/{name}", spec.attack, test, given, progress,
                                     source=spec.trajectories, ablate=ablate)
         return rows
+
+    def benign_sft_behaviors(self) -> list[Behavior]:
+        """What the benign fine-tuning attack trains every model on: Dolly training questions with their human
+        answers, the first that no model of the preset has among its anchors, so that the attack stays held out."""
+        anchored = {anchor.id for training in self.preset.training.values()
+                    for anchor in load_sources(training.anchor_sources)}
+        return [row for row in load_behaviors("dolly-train") if row.id not in anchored][:BENIGN_SFT_ROWS]
 
     def probe(self, role: str, test, trajectories, progress=None) -> dict:
         from trajalign.probe.direction import RefusalDirection, steering_effect

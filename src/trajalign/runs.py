@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from trajalign.errors import InputError, TrajalignError, where
+from trajalign.errors import InputError, where
 from trajalign.records import Episode
 from trajalign.stats import wilson_interval
 
@@ -58,22 +58,28 @@ class EpisodeLog:
             os.fsync(handle.fileno())
 
 
-def _as_read_now(config: BaseModel, saved) -> dict:
-    """A saved config as this version reads it: a field added since it was written takes its default, so that a
-    directory resumes when none of its settings changed. One this version cannot read stays as it was saved."""
+def _as_read_now(config: BaseModel, settings: dict) -> dict:
+    """Settings as this version reads them: a field added since they were written takes its default."""
     try:
-        return json.loads(type(config).model_validate({**saved, "out": config.out}).model_dump_json(exclude={"out"}))
-    except (ValidationError, TypeError, TrajalignError):
-        return saved if isinstance(saved, dict) else {}
+        return json.loads(type(config).model_validate({**settings, "out": config.out}).model_dump_json(
+            exclude={"out"}))
+    except ValidationError:
+        return settings
 
 
-def write_config(directory: Path, config: BaseModel) -> None:
-    """Write the run's config; refuse to resume a directory that holds a different one."""
+def write_config(directory: Path, config: BaseModel, added_fields_take_defaults: bool = False) -> None:
+    """Write the run's config; refuse to resume a directory that holds a different one.
+
+    `added_fields_take_defaults` lets a directory written before a field existed resume, when the field's default
+    is the value asked for. Only for directories whose outputs no setting names: an evaluation's episode ids hash
+    its attack's settings, so a resumed one would generate its episodes again beside the old ones."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / CONFIG_FILE
     current = json.loads(config.model_dump_json(exclude={"out"}))
     if path.exists():
-        previous = _as_read_now(config, yaml.safe_load(path.read_text(encoding="utf-8")))
+        previous = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if added_fields_take_defaults:
+            previous, current = _as_read_now(config, previous), _as_read_now(config, current)
         if previous != current:
             changed = sorted(key for key in set(previous) | set(current) if previous.get(key) != current.get(key))
             raise InputError(f"{path}: this run directory holds a different config (differs in: "

@@ -27,12 +27,14 @@ class HeldOutAttack(BaseModel):
 
 
 def held_out_attacks(preset: str, train_behaviors: Path | None = None, original: str = DEFAULT_MODEL,
-                     foreign_model: str | None = None) -> dict[str, HeldOutAttack]:
+                     foreign_model: str | None = None, benign_sft: Path | None = None) -> dict[str, HeldOutAttack]:
     """name -> held-out attack for the `quick`, `full` or `compare` preset.
 
     `train_behaviors` (a behaviors file of the study's training split) is what fine-tuning attacks train harmful
     SFT on; without it they are left out. They attack aligned models: the original, unaligned, has nothing to
-    lose. `foreign_model` (a model sharing the original's tokenizer) adds a prefill of its greedy answers.
+    lose. `benign_sft` (a behaviors file with reference answers) is what benign SFT trains on, so that a study
+    whose models train on Dolly anchors can keep the attack's rows out of them (default: Dolly's first training
+    rows). `foreign_model` (a model sharing the original's tokenizer) adds a prefill of its greedy answers.
     """
     greedy = f"model:{original}"
     attacks = {"random-insert": HeldOutAttack(
@@ -60,10 +62,10 @@ def held_out_attacks(preset: str, train_behaviors: Path | None = None, original:
                                                    trajectories=f"model:{foreign_model}",
                                                    note="greedy answers of another model with the same tokenizer")
     if train_behaviors is not None:
-        for data in ("harmful", "benign"):
+        train_datasets = {"harmful": str(train_behaviors), "benign": str(benign_sft) if benign_sft else None}
+        for data, train_dataset in train_datasets.items():
             attacks[f"finetune-{data}"] = HeldOutAttack(
-                attack=Finetune(data=data, steps=[5, 20, 50], depths=[0, 10, 20],
-                                train_dataset=str(train_behaviors) if data == "harmful" else None,
+                attack=Finetune(data=data, steps=[5, 20, 50], depths=[0, 10, 20], train_dataset=train_dataset,
                                 train_trajectories=greedy),
                 trajectories=greedy, note=f"k steps of {data} SFT, then the prefill sweep (Qi et al. 2024)")
     return attacks

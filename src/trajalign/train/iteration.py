@@ -67,7 +67,7 @@ def run_rounds(config: TrainConfig, handle=None, harmful: list[Behavior] | None 
     per round how many failures its attack found and how many failure rows its training set held."""
     attacks = attacks or RoundAttacks()
     out = Path(config.out)
-    write_config(out, config)
+    write_config(out, config, added_fields_take_defaults=True)
     handle = handle or config.load_model()
     harmful = harmful if harmful is not None else load_harmful(config)
     benign = benign if benign is not None else load_benign(config)

@@ -266,7 +266,7 @@ def run_training(config: TrainConfig, handle=None, harmful: list[Behavior] | Non
         raise InputError("preference: the DPO stage trains on the merged SFT model; set lora.merge to true")
     is_main = int(os.environ.get("RANK", "0")) == 0
     if is_main:  # before the finished check: a model trained with other settings is refused, not reused
-        write_config(out, config)
+        write_config(out, config, added_fields_take_defaults=True)
     if (out / DONE_MARKER).exists():
         return out
     handle = handle or config.load_model()
