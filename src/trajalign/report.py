@@ -36,6 +36,7 @@ from trajalign.stats import mcnemar_exact, wilson_interval
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
 DASHES = ["-", "--", "-.", ":", "-", "--", "-."]
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
 def series_style(index: int) -> dict:
@@ -43,7 +44,6 @@ def series_style(index: int) -> dict:
     so that the compare preset's eighth model does not look like its first."""
     return dict(color=PALETTE[index % len(PALETTE)], marker=MARKERS[(index + index // len(PALETTE)) % len(MARKERS)],
                 linestyle=DASHES[index % len(DASHES)])
-CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
 def collect_episodes(runs: list[Path]) -> list[Episode]:

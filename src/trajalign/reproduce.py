@@ -3,8 +3,9 @@
 Stages: split AdvBench by behavior; harmful trajectories from the original (unaligned) model, and its own answers to
 the everyday benign prompts; the original model evaluated and probed; then, one after the other, a shallow model
 (refusal-sft) and a deep one (trajectory recipe), each trained (on benign anchors too; the deep one also on CatQA,
-CoCoNot and Dolly, `trajectory_data`), evaluated the same way and probed (refusal direction, and the original's direction for the between-model view); a summary and
-the report. One model is resident at a time, and each is loaded once for its stages.
+CoCoNot and Dolly, `trajectory_data`), evaluated the same way and probed (refusal direction, and the original's
+direction for the between-model view); a summary and the report. One model is resident at a time, and each is
+loaded once for its stages.
 
 Each model is evaluated on both sides of depth: harmful prompts (refusal at depth 0, recovery after a prefill of k
 tokens of a harmful answer and after an insertion into its own answer) and benign ones (over-refusal at depth 0 per
@@ -95,13 +96,14 @@ class Preset(BaseModel):
 # The field's deep-alignment methods, trained on the same behaviors and anchors as the trajectory recipe.
 COMPARATORS = ("prefix-constrained", "rto", "circuit-breaker", "refusal-ablation", "backtracking")
 
-# The trajectory model's training data beyond the preset's behaviors and anchors, chosen on the validation split
-# (benchmarks/recipe_validation.py, the README's ablation table): harmless requests that look unsafe (CoCoNot)
-# and everyday questions (Dolly), with the datasets' own answers, two anchor rows per harmful row, and CatQA's
-# harmful questions. At quick scale, against the former recipe (none of these): recovery at depth 40 90% against
-# 52%, refusals of the four harmless sources 55/85/20/75% against 75/90/55/95%, reference NLL -6% against +9%;
-# false breaks no better (44% against 32% at depth 40, within the intervals elsewhere).
 def trajectory_data(harmful: int = 100, anchors: int = 200) -> dict:
+    """The trajectory model's training data beyond the preset's behaviors and anchors, chosen on the validation
+    split (benchmarks/recipe_validation.py, the README's ablation table): harmless requests that look unsafe
+    (CoCoNot) and everyday questions (Dolly), with the datasets' own answers, two anchor rows per harmful row, and
+    CatQA's harmful questions. At quick scale, against the former recipe (none of these): recovery at depth 40 90%
+    against 52%, refusals of the four harmless sources 55/85/20/75% against 75/90/55/95%, NLL of the reference
+    answers -6 / +4% (Dolly / Self-Instruct) against +9 / +10%; false breaks no better (44% against 32% at depth
+    40, within the intervals elsewhere)."""
     return dict(benign_ratio=2.0, harmful_sources=[HarmfulSource(name="catqa", limit=harmful)],
                 anchor_sources=[AnchorSource(name=name, limit=anchors, answers="reference")
                                 for name in ("coconot-pref", "dolly-train")])
