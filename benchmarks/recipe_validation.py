@@ -26,13 +26,13 @@ goal (the validation and test behaviors are AdvBench's); `--jbb-anchor-copies N`
 anchor N times among the anchors to sample from.
 
 The levers of issue 18, each a setting of the role's training (`trajalign.reproduce.RoleTraining`):
-(1) `--anchors coconot-pref:200 --anchors dolly-train:200` sets the extra anchor sources, answered by the
-original model (`--anchor-answers self`) or by the datasets' own answers (`reference`), `--anchor-weight` times as
-often per prompt as the preset's anchors; (2) `--benign-mix` perturbs that share of the anchor rows (prefill,
-insertion of another benign answer's span) and trains them to continue; (3) `--kl-weight` adds KL(original || model) on benign
-rows; (4) `--preference` runs DPO after SFT; (5) `--harmful-extra catqa:200` sets the extra harmful behaviors
-(none whose goal is an AdvBench goal); (6) `--rounds N` attacks each round's model on its training behaviors and
-trains again with the failures added (the validation row is the last round's).
+(1) `--anchors coconot-pref:200 --anchors dolly-train:200` sets the extra anchor sources, answered by the original
+model (`--anchor-answers self`) or by the datasets' own answers (`reference`), `--anchor-weight` times as often per
+prompt as the preset's anchors; (2) `--benign-mix` perturbs that share of the anchor rows (prefill, insertion of
+another benign answer's span) and trains them to continue; (3) `--kl-weight` adds KL(original || model) on benign
+rows; (4) `--preference` runs DPO after SFT; (5) `--harmful-extra catqa:200` sets the extra harmful behaviors (none
+whose goal is an AdvBench goal); (6) `--rounds N` attacks each round's model on its training behaviors and trains
+again with the failures added (the validation row is the last round's).
 """
 
 from __future__ import annotations
