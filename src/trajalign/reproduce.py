@@ -96,7 +96,7 @@ class Preset(BaseModel):
 # The field's deep-alignment methods, trained on the same behaviors and anchors as the trajectory recipe.
 COMPARATORS = ("prefix-constrained", "rto", "circuit-breaker", "refusal-ablation", "backtracking")
 
-def trajectory_data(harmful: int = 100, anchors: int = 200) -> dict:
+def trajectory_data(harmful: int = 100, anchors: int = 200, benign_ratio: float = 2.0) -> dict:
     """The trajectory model's training data beyond the preset's behaviors and anchors, chosen on the validation
     split (benchmarks/recipe_validation.py, the README's ablation table): harmless requests that look unsafe
     (CoCoNot) and everyday questions (Dolly), with the datasets' own answers, two anchor rows per harmful row, and
@@ -104,7 +104,7 @@ def trajectory_data(harmful: int = 100, anchors: int = 200) -> dict:
     against 52%, refusals of the four harmless sources 55/85/20/75% against 75/90/55/95%, NLL of the reference
     answers -6 / +4% (Dolly / Self-Instruct) against +9 / +10%; false breaks no better (44% against 32% at depth
     40, within the intervals elsewhere)."""
-    return dict(benign_ratio=2.0, harmful_sources=[HarmfulSource(name="catqa", limit=harmful)],
+    return dict(benign_ratio=benign_ratio, harmful_sources=[HarmfulSource(name="catqa", limit=harmful)],
                 anchor_sources=[AnchorSource(name=name, limit=anchors, answers="reference")
                                 for name in ("coconot-pref", "dolly-train")])
 
@@ -115,7 +115,7 @@ PRESETS = {
     # Every stage on a handful of behaviors, for a first look and for CI; its numbers mean nothing.
     "smoke": Preset(train_behaviors=8, test_behaviors=4, trajectory_tokens=16, anchors=8, anchor_tokens=16,
                     training={"shallow": RoleTraining(epochs=1, benign_ratio=1.0),
-                              "trajectory": RoleTraining(epochs=1, **trajectory_data(harmful=4, anchors=4))},
+                              "trajectory": RoleTraining(epochs=1, **trajectory_data(2, 2, benign_ratio=1.0))},
                     depths=[0, 5, 10], insert_after=4, insert_length=5, over_refusal_prompts=4,
                     direction_prompts=4, layer_step=10, steering_prompts=4, utility_prompts=8),
     "quick": Preset(train_behaviors=48, test_behaviors=20, trajectory_tokens=40, anchors=48, anchor_tokens=24,
