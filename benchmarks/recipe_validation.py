@@ -75,6 +75,11 @@ def parse_shares(text: str) -> dict[str, float]:
         raise argparse.ArgumentTypeError(f"'{text}': expected KIND=SHARE,... e.g. prefix=0.25,plain=0.75") from None
 
 
+def extra_sources(given: list[str]) -> list[str] | None:
+    """Sources given on the command line: None keeps the preset's, and 'none' stands for no extra ones."""
+    return [source for source in given if source != "none"] if given else None
+
+
 def role_training(args: argparse.Namespace, default: RoleTraining) -> RoleTraining:
     """The preset's settings for the role, with those given on the command line changed."""
     preference = None
@@ -82,12 +87,14 @@ def role_training(args: argparse.Namespace, default: RoleTraining) -> RoleTraini
         preference = {field: value for field, value in {
             "beta": args.dpo_beta, "epochs": args.dpo_epochs, "learning_rate": args.dpo_learning_rate,
             "pairs_per_behavior": args.pairs_per_behavior}.items() if value is not None}
+    anchors = extra_sources(args.anchors)
     changes = {field: value for field, value in {
         "benign_ratio": args.benign_ratio, "epochs": args.epochs, "lora": {"r": args.lora} if args.lora else None,
-        "anchor_sources": [{**parse_source(source), "answers": args.anchor_answers, "weight": args.anchor_weight}
-                           for source in args.anchors if source != "none"] if args.anchors else None,
-        "harmful_sources": [source for source in args.harmful_extra if source != "none"] if args.harmful_extra
-        else None, "benign_mix": args.benign_mix, "kl_weight": args.kl_weight,
+        "anchor_sources": None if anchors is None else [
+            {**parse_source(source), "answers": args.anchor_answers, "weight": args.anchor_weight}
+            for source in anchors],
+        "harmful_sources": extra_sources(args.harmful_extra), "benign_mix": args.benign_mix,
+        "kl_weight": args.kl_weight,
         "preference": preference, "rounds": args.rounds}.items() if value is not None}
     return RoleTraining.model_validate({**default.model_dump(), **changes})
 
@@ -157,9 +164,8 @@ def setting_headlines(out: Path) -> dict:
     return {h.model: h for h in from_summary(summary)}
 
 
-def ablation_table(out: Path) -> list[str]:
-    """Every setting validated into `out` so far, beside the original model."""
-    headlines = setting_headlines(out)
+def ablation_table(headlines: dict) -> list[str]:
+    """Every setting validated so far (`setting_headlines`), beside the original model."""
     header = ["setting", "refuse @0", "lowest recovery", "most over-refusal above original",
               "highest false break", "NLL change (Dolly / Self-Instruct)"]
     rows = [frontier_row(name, h, headlines["original"]) for name, h in headlines.items()]
@@ -170,12 +176,12 @@ def ablation_table(out: Path) -> list[str]:
 def main() -> None:
     args = parser().parse_args()
     if args.table or args.figure:
-        print("\n".join(ablation_table(args.out)))
+        headlines = setting_headlines(args.out)
+        print("\n".join(ablation_table(headlines)))
         if args.figure:
             from trajalign.report import frontier_figure
 
-            frontier_figure(list(setting_headlines(args.out).values())).savefig(args.figure, dpi=120,
-                                                                                bbox_inches="tight")
+            frontier_figure(list(headlines.values())).savefig(args.figure, dpi=120, bbox_inches="tight")
         return
     default = PRESETS[args.preset]
     name = args.name or args.recipe
@@ -216,7 +222,7 @@ def main() -> None:
         (args.out / "settings" / f"{role}.json").write_text(json.dumps(
             {"settings": settings, "results": results, "utility": utility, "timings_s": run.timings}, indent=2))
     print(f"settings: {preset.model_dump_json()}")
-    print("\n".join(ablation_table(args.out)))
+    print("\n".join(ablation_table(setting_headlines(args.out))))
 
 
 if __name__ == "__main__":
