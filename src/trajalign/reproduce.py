@@ -130,15 +130,16 @@ PRESETS = {
                              "trajectory": RoleTraining(epochs=3, **TRAJECTORY_DATA)},
                    over_refusal_prompts=40, decoding=True, direction_prompts=32,
                    layer_step=3, held_out="full"),
-    # Every comparator beside the study's two models, at the full preset's test size on fewer training behaviors,
-    # every model trained on the trajectory model's data. Its settings are the presets' defaults, not yet chosen
-    # per method on the validation split, and its running time is not yet measured.
-    "compare": Preset(train_behaviors=96, test_behaviors=40, trajectory_tokens=48, anchors=96, anchor_tokens=24,
+    # Every comparator beside the study's two models, at the quick preset's sizes so that eight models and every
+    # held-out attack fit 100 minutes on 2 cores. Every model trains on the trajectory model's data for the same
+    # two epochs; each comparator keeps its paper's settings (trajalign.train.comparators), not chosen per method
+    # on the validation split.
+    "compare": Preset(train_behaviors=48, test_behaviors=20, trajectory_tokens=40, anchors=48, anchor_tokens=24,
                       training={"shallow": RoleTraining(epochs=2, **TRAJECTORY_DATA),
-                                "trajectory": RoleTraining(epochs=3, **TRAJECTORY_DATA),
+                                "trajectory": RoleTraining(epochs=2, **TRAJECTORY_DATA),
                                 **{name: RoleTraining(recipe=name, epochs=2, **TRAJECTORY_DATA)
                                    for name in COMPARATORS}},
-                      over_refusal_prompts=40, direction_prompts=32, layer_step=3, held_out="full"),
+                      utility_prompts=60, held_out="compare"),
 }
 RECIPE_OF_ROLE = {"shallow": "refusal-sft", "trajectory": "trajectory"}
 CONTINUATION_TOKENS = 24  # what the judge reads
