@@ -1,6 +1,7 @@
 """Train one model of the reproduction with changed settings and score it on the validation split, never the test.
 
-    python benchmarks/recipe_validation.py [--preset full] [--recipe trajectory] [--learning-rate 3e-4]
+    python benchmarks/recipe_validation.py [--preset full] [--recipe trajectory] [--recipe-options JSON]
+        [--learning-rate 3e-4]
         [--anchor-tokens 24] [--benign-ratio R] [--epochs E] [--lora R] [--contrastive-pairs]
         [--jbb-anchor-copies N] [--anchors SOURCE[:N] ...] [--anchor-answers self|reference]
         [--anchor-weight W] [--benign-mix prefix=0.25,insertion=0.25,plain=0.5] [--kl-weight L]
@@ -19,6 +20,11 @@ refusal of each benign source, false breaks on benign controls (validation Jailb
 prompts, perturbed as in the study) and the NLL of reference answers (Dolly's training part from its end, never an
 anchor, and the validation Self-Instruct tasks) against the original model. Settings that share `--out` share the
 original model's evaluation and form one ablation table, printed after each run and by `--table`.
+
+A comparator (`--recipe circuit-breaker`, ... : `trajalign.reproduce.COMPARATORS`) starts from the trajectory
+model's settings, the data every model of the compare preset trains on, and `--recipe-options` sets the method's
+own (RecipeConfig fields: `{"rerouting": {"alpha": 5}}`, `{"ablation": {"probability": 0.25}}`,
+`{"prefix_probability": 0.25}`, `{"rto_fraction": 0.5}`).
 
 Over-refusal levers tried there: `--contrastive-pairs` adds the JailbreakBench harmful behavior of each
 JailbreakBench benign anchor (its twin) to the harmful training behaviors, except those whose goal is an AdvBench
@@ -41,10 +47,13 @@ import argparse
 import json
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from trajalign.data.datasets import Behavior, load_behaviors
 from trajalign.headline import from_summary, markdown
 from trajalign.reproduce import (
     BENIGN_INSERT_TRAJECTORIES,
+    COMPARATORS,
     PRESETS,
     RECIPE_OF_ROLE,
     Reproduction,
@@ -58,6 +67,7 @@ from trajalign.reproduce import (
 from trajalign.train.sources import load_sources, parse_source
 
 ROLE_OF_RECIPE = {recipe: role for role, recipe in RECIPE_OF_ROLE.items()}
+RECIPES = sorted([*ROLE_OF_RECIPE, *COMPARATORS])
 
 
 def contrastive_twins(anchors: list[Behavior]) -> list[Behavior]:
@@ -95,14 +105,40 @@ def role_training(args: argparse.Namespace, default: RoleTraining) -> RoleTraini
             for source in anchors],
         "harmful_sources": extra_sources(args.harmful_extra), "benign_mix": args.benign_mix,
         "kl_weight": args.kl_weight,
-        "preference": preference, "rounds": args.rounds}.items() if value is not None}
-    return RoleTraining.model_validate({**default.model_dump(), **changes})
+        "preference": preference, "rounds": args.rounds, "recipe_options": args.recipe_options}.items()
+        if value is not None}
+    try:
+        return RoleTraining.model_validate({**default.model_dump(), **changes})
+    except ValidationError as error:
+        problem = error.errors()[0]
+        raise SystemExit(f"settings: {'.'.join(map(str, problem['loc'])) or 'training'}: {problem['msg']}") from None
+
+
+def default_training(preset, recipe: str) -> RoleTraining:
+    """The preset's settings for the recipe's model; a comparator that the preset does not train starts from the
+    trajectory model's, as the compare preset trains every comparator on the trajectory model's data."""
+    role = ROLE_OF_RECIPE.get(recipe, recipe)
+    return preset.training.get(role, preset.training["trajectory"]).model_copy(update={"recipe": recipe})
+
+
+def parse_options(text: str) -> dict:
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"'{text}': not JSON ({error.msg})") from None
+    if not isinstance(options, dict):
+        raise argparse.ArgumentTypeError(f"'{text}': expected a JSON object of RecipeConfig fields")
+    return options
 
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
-    parser.add_argument("--recipe", choices=sorted(ROLE_OF_RECIPE), default="trajectory")
+    parser.add_argument("--recipe", choices=RECIPES, default="trajectory",
+                        help="the study's recipes or a comparator (trajalign.reproduce.COMPARATORS)")
+    parser.add_argument("--recipe-options", type=parse_options, metavar="JSON",
+                        help="the recipe's own settings (RoleTraining.recipe_options), e.g. "
+                        "'{\"rerouting\": {\"alpha\": 5}}' or '{\"ablation\": {\"probability\": 0.25}}'")
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--anchor-tokens", type=int)
     parser.add_argument("--benign-ratio", type=float)
@@ -187,8 +223,7 @@ def main() -> None:
     name = args.name or args.recipe
     if name == "original":
         raise SystemExit("--name original is the untrained model's row; choose another name")
-    training = role_training(args, default.training[ROLE_OF_RECIPE[args.recipe]]).model_copy(
-        update={"recipe": args.recipe})
+    training = role_training(args, default_training(default, args.recipe))
     changes = {field: value for field, value in {"learning_rate": args.learning_rate,
                                                  "anchor_tokens": args.anchor_tokens}.items() if value is not None}
     preset = default.model_copy(update={**changes, "training": {name: training}, "decoding": False})

@@ -1,4 +1,5 @@
 import pytest
+from pydantic import ValidationError
 
 from trajalign import reproduce
 from trajalign.attacks import Prefill, PrefillPosition
@@ -234,3 +235,35 @@ def test_benign_fine_tuning_attack_trains_on_dolly_rows_that_no_model_has_as_anc
     rows = run.benign_sft_behaviors()
     assert len(rows) == 160 and all(row.dataset == "dolly-train" and row.reference for row in rows)
     assert not anchored & {row.id for row in rows}
+
+
+def test_a_roles_recipe_options_reach_its_recipe_and_bad_ones_fail_before_any_training(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(reproduce, "load_model", lambda spec: None)
+    monkeypatch.setattr(reproduce, "run_training", lambda config, **kwargs: seen.setdefault("config", config))
+    training = RoleTraining(recipe="circuit-breaker", epochs=1, benign_ratio=1.0,
+                            recipe_options={"rerouting": {"alpha": 5.0}})
+    preset = PRESETS["smoke"].model_copy(update={"training": {"circuit-breaker": training}})
+    train, _ = split_behaviors(preset)
+    Reproduction("smoke", tmp_path, preset=preset).train("circuit-breaker", train, load_behaviors("jbb-benign")[:2],
+                                                          {})
+    recipe = seen["config"].recipe
+    assert (recipe.name, recipe.rerouting.alpha, recipe.benign_ratio) == ("circuit-breaker", 5.0, 1.0)
+    with pytest.raises(ValidationError, match="alpah"):
+        RoleTraining(recipe="circuit-breaker", epochs=1, benign_ratio=1.0, recipe_options={"rerouting": {"alpah": 5}})
+    with pytest.raises(ValidationError, match="benign_ratio"):
+        RoleTraining(epochs=1, benign_ratio=1.0, recipe_options={"benign_ratio": 2.0})
+
+
+@pytest.mark.integration
+def test_the_compare_presets_target_prefill_depths_each_reach_most_test_behaviors(embedded):
+    """AdvBench's targets are short: a depth that few of them reach would score a cell on a handful of behaviors
+    (the full preset's depth 20 reaches 8 of its 40)."""
+    from trajalign.attacks.held_out import held_out_attacks
+    from trajalign.data.trajectories import load_trajectories
+
+    preset = PRESETS["compare"]
+    _, test = split_behaviors(preset)
+    lengths = [len(t.token_ids) for t in load_trajectories("target", test, embedded).values()]
+    for depth in held_out_attacks(preset.held_out)["prefill-target"].attack.depths:
+        assert sum(length >= depth for length in lengths) >= len(test) / 2, depth

@@ -26,8 +26,9 @@ import time
 from contextlib import contextmanager
 from itertools import zip_longest
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from trajalign.attacks import Decoding, Insert, Prefill
 from trajalign.attacks.held_out import held_out_attacks
@@ -67,6 +68,16 @@ class RoleTraining(BaseModel):
     kl_weight: float = Field(default=0.0, ge=0, description="benign likelihood anchoring (TrainConfig.kl_weight)")
     preference: PreferenceSettings | None = Field(default=None, description="a DPO stage after SFT")
     rounds: int = Field(default=1, gt=0, description="on-policy rounds on the training behaviors")
+    recipe_options: dict[str, Any] = Field(default={}, description="the recipe's own settings (RecipeConfig "
+                                           "fields, e.g. {'rerouting': {'alpha': 5}} for circuit-breaker)")
+
+    @model_validator(mode="after")
+    def _recipe_options_fit_the_recipe(self) -> RoleTraining:
+        taken = {"name", "benign_ratio", "benign_mix"} & set(self.recipe_options)
+        if taken:
+            raise ValueError(f"recipe_options: {', '.join(sorted(taken))} are set by the role's own fields")
+        RecipeConfig(**self.recipe_options)  # an unknown or invalid option fails here, not after a training
+        return self
 
 
 class Preset(BaseModel):
@@ -320,7 +331,7 @@ class Reproduction:
     def train(self, role: str, train: list[Behavior], anchors: list[Behavior], trajectories, progress=None) -> None:
         training = self.preset.training[role]
         recipe_config = RecipeConfig(name=self.recipe_of(role), benign_ratio=training.benign_ratio,
-                                     benign_mix=training.benign_mix)
+                                     benign_mix=training.benign_mix, **training.recipe_options)
         config = TrainConfig(model=DEFAULT_MODEL, recipe=recipe_config,
                              harmful=[HarmfulSource(name="advbench"), *training.harmful_sources], harmful_limit=None,
                              benign=training.anchor_sources, benign_limit=None,
