@@ -267,3 +267,25 @@ def test_the_compare_presets_target_prefill_depths_each_reach_most_test_behavior
     lengths = [len(t.token_ids) for t in load_trajectories("target", test, embedded).values()]
     for depth in held_out_attacks(preset.held_out)["prefill-target"].attack.depths:
         assert sum(length >= depth for length in lengths) >= len(test) / 2, depth
+
+
+def test_a_backtracking_models_resets_are_counted_per_evaluation_and_reported(tmp_path):
+    from trajalign.records import Episode
+    from trajalign.runs import EpisodeLog
+
+    def episode(index: int, reset: bool) -> Episode:
+        return Episode(episode_id=str(index), model="m", behavior_id=f"b{index}", dataset="xstest-safe", prompt="p",
+                       attack=Prefill(depths=[0]), position=PrefillPosition(depth=0), depth=0, context_ids=[1],
+                       answer_start=0, continuation_ids=[], continuation_text="", finish_reason="eos",
+                       exact_ids=True, refused=reset, reset=reset)
+
+    evals = tmp_path / "evals" / "backtracking"
+    EpisodeLog(evals / "xstest-safe").append([episode(i, i < 1) for i in range(4)])
+    EpisodeLog(evals / "held-out" / "random-insert").append([episode(i, i < 3) for i in range(5)])
+    training = {"backtracking": RoleTraining(recipe="backtracking", epochs=1, benign_ratio=1.0)}
+    run = Reproduction("smoke", tmp_path, preset=PRESETS["smoke"].model_copy(update={"training": training}))
+    counts = run.reset_counts("backtracking")
+    assert counts == {"held-out/random-insert": {"n": 5, "resets": 3}, "xstest-safe": {"n": 4, "resets": 1}}
+    text = summary_markdown({"preset": "smoke", "results": {}, "probes": {}, "resets": {"backtracking": counts},
+                             "timings_s": {}, "total_s": 0.0})
+    assert "| xstest-safe | 25% [5%, 70%] (1/4) |" in text and "| held-out/random-insert | 60% " in text

@@ -43,6 +43,7 @@ from trajalign.models.registry import DEFAULT_MODEL
 from trajalign.probe.run import ProbeConfig, run_probe
 from trajalign.requirements import require
 from trajalign.runs import EPISODES_FILE, EpisodeLog
+from trajalign.stats import wilson_interval
 from trajalign.train.iteration import RoundAttacks, final_model_dir, run_rounds
 from trajalign.train.preference import PreferenceSettings
 from trajalign.train.recipes import RecipeConfig
@@ -303,8 +304,10 @@ class Reproduction:
                 held_out[role] = self.held_out(role, train, test, trajectories, progress)
         self._release()
         summary = {"preset": self.preset_name, "results": results, "utility": utility, "probes": probes,
-                   "held_out": held_out, "attack_matrix": self.attack_matrix(), "timings_s": self.timings,
-                   "total_s": round(time.perf_counter() - started, 1)}
+                   "held_out": held_out, "attack_matrix": self.attack_matrix(),
+                   "resets": {role: self.reset_counts(role) for role in self.roles[1:]
+                              if self.recipe_of(role) == "backtracking"},
+                   "timings_s": self.timings, "total_s": round(time.perf_counter() - started, 1)}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         (self.out / "summary.md").write_text(summary_markdown(summary))
         with self.stage("report"):
@@ -317,6 +320,18 @@ class Reproduction:
 
         return attack_matrix([episode for path in sorted((self.out / "evals").rglob(EPISODES_FILE))
                               for episode in EpisodeLog(path.parent).load() if not is_benign(episode.dataset)])
+
+    def reset_counts(self, role: str) -> dict[str, dict[str, int]]:
+        """Per evaluation of a backtracking model, held-out attacks included: its episodes, and those with a reset
+        token in the judged window. A reset counts as a refusal: a recovery on harmful prompts, a false reset on
+        benign ones (Zhang et al. 2024 report both)."""
+        evals = self.out / "evals" / role
+        counts = {}
+        for path in sorted(evals.rglob(EPISODES_FILE)):
+            episodes = EpisodeLog(path.parent).load()
+            counts[path.parent.relative_to(evals).as_posix()] = {"n": len(episodes),
+                                                                 "resets": sum(e.reset for e in episodes)}
+        return counts
 
     def original_answers(self, behaviors: list[Behavior], progress, source: str = ORIGINAL_TRAJECTORIES
                          ) -> dict[str, Trajectory]:
@@ -556,6 +571,20 @@ def attack_lines(matrix: dict) -> list[str]:
             *["| " + " | ".join(cells) + " |" for cells in rows], ""]
 
 
+def _reset_lines(resets: dict[str, dict[str, dict[str, int]]]) -> list[str]:
+    lines = ["## Backtracking resets", ""] if resets else []
+    for role, counts in resets.items():
+        lines += [f"**{role}**: answers with a reset token in the judged window, per evaluation (counted as refusals "
+                  "above: recoveries on harmful prompts, false resets on benign ones; Wilson 95% intervals).", "",
+                  "| evaluation | resets |", "|---|---|"]
+        for name, count in counts.items():
+            low, high = wilson_interval(count["resets"], count["n"])
+            lines.append(f"| {name} | {count['resets'] / count['n']:.0%} [{low:.0%}, {high:.0%}] "
+                         f"({count['resets']}/{count['n']}) |")
+        lines.append("")
+    return lines
+
+
 def summary_markdown(summary: dict) -> str:
     text = [f"# trajalign reproduce --preset {summary['preset']}", "",
             "Keyword judge (a refusal beginning within 24 continuation tokens), Wilson 95% intervals; held-out "
@@ -567,6 +596,7 @@ def summary_markdown(summary: dict) -> str:
             "score and recovery, and depth 0 apart. The within-depth column answers the claim.", ""]
     for role, probe in summary["probes"].items():
         text += _probe_lines(role, probe)
+    text += _reset_lines(summary.get("resets", {}))
     text.append("Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items())
                 + f"; total {summary['total_s']:.0f} s.")
     return "\n".join(text) + "\n"
