@@ -368,8 +368,8 @@ def judge_agreement_command(
 @app.command("reproduce")
 def reproduce_command(
     preset: str = typer.Option("quick", help="quick | full (40 test behaviors, every held-out attack) | compare "
-                                             "(full's test size, the comparators beside the study's models) | "
-                                             "smoke (every stage on a handful of behaviors)"),
+                                             "(the comparators beside the study's models, at quick's sizes, every "
+                                             "held-out attack) | smoke (every stage on a handful of behaviors)"),
     out: Path = typer.Option(Path("runs/reproduce"), help="run directory (re-running resumes it)"),
     quiet: bool = QUIET,
 ) -> None:
