@@ -120,3 +120,19 @@ def test_only_the_reset_row_of_the_frozen_embeddings_learns(tmp_path, lora):
     assert after.shape == before.shape and torch.equal(after[:reset], before[:reset])
     assert (after[reset] - before[reset]).abs().max() > 1e-4
     assert torch.equal(loaded.model.get_output_embeddings().weight[reset], after[reset])  # tied: it emits it too
+
+
+def test_a_model_that_only_added_the_reset_token_takes_its_originals_trajectories(tmp_path):
+    from trajalign.data.datasets import load_behaviors
+    from trajalign.data.trajectories import load_trajectories
+    from trajalign.models import load_model
+    from trajalign.testing import save_tiny_model
+
+    original = save_tiny_model(tmp_path / "original")
+    target = load_model(str(save_tiny_model(tmp_path / "backtracking")))
+    add_reset_token(target.tokenizer, "[RESET]")
+    target.model.resize_token_embeddings(len(target.tokenizer))
+    behaviors = load_behaviors("advbench", limit=2)
+    injected = load_trajectories(f"model:{original}", behaviors, target, max_tokens=6)
+    own = load_trajectories(f"model:{original}", behaviors, load_model(str(original)), max_tokens=6)
+    assert {key: t.token_ids for key, t in injected.items()} == {key: t.token_ids for key, t in own.items()}

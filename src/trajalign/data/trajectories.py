@@ -117,10 +117,17 @@ def _source_model(spec: str, target, loaded: dict | None):
 
     device = str(target.device) if isinstance(target, ModelHandle) else "auto"
     handle = (loaded or {}).get(spec) or load_model(spec, device=device)
-    if tokenizer_fingerprint(handle.tokenizer) != tokenizer_fingerprint(target.tokenizer):
+    if not keeps_every_id(target.tokenizer, handle.tokenizer):
         raise InputError(f"trajectories 'model:{spec}': that model's tokenizer differs from the target model's, so its "
                          f"token ids cannot be injected token-exactly")
     return handle
+
+
+def keeps_every_id(target_tokenizer, source_tokenizer) -> bool:
+    """Every token of the source has the same id in the target, so the source's ids mean the same there: the same
+    tokenizer, or one that only added tokens (a backtracking model's reset token)."""
+    target = target_tokenizer.get_vocab()
+    return all(target.get(token) == index for token, index in source_tokenizer.get_vocab().items())
 
 
 def load_trajectories(source: str, behaviors: list[Behavior], target, max_tokens: int = 48,
