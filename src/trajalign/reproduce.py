@@ -142,10 +142,10 @@ PRESETS = {
                              "trajectory": RoleTraining(epochs=3, **TRAJECTORY_DATA)},
                    over_refusal_prompts=40, decoding=True, direction_prompts=32,
                    layer_step=3, held_out="full"),
-    # Every comparator beside the study's two models, at the quick preset's sizes so that eight models and every
-    # held-out attack fit 100 minutes on 2 cores. Every model trains on the trajectory model's data for the same
-    # two epochs; each comparator keeps its paper's settings (trajalign.train.comparators), not chosen per method
-    # on the validation split.
+    # Every comparator beside the study's two models, at the quick preset's sizes: eight models and every held-out
+    # attack took 119 minutes on 2 cores (2026-11-29), a quarter of it the fine-tuning attacks. Every model trains
+    # on the trajectory model's data for the same two epochs; each comparator keeps its paper's settings
+    # (trajalign.train.comparators), not chosen per method on the validation split.
     "compare": Preset(train_behaviors=48, test_behaviors=20, trajectory_tokens=40, anchors=48, anchor_tokens=24,
                       training={"shallow": RoleTraining(epochs=2, **TRAJECTORY_DATA),
                                 "trajectory": RoleTraining(epochs=2, **TRAJECTORY_DATA),
