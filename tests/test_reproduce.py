@@ -5,6 +5,7 @@ from trajalign import reproduce
 from trajalign.attacks import Prefill, PrefillPosition
 from trajalign.data.datasets import load_behaviors
 from trajalign.errors import InputError
+from trajalign.records import Episode
 from trajalign.reproduce import (
     PRESETS,
     Reproduction,
@@ -65,18 +66,18 @@ def test_summary_markdown_reports_every_model_and_interval():
     assert "recover @5" in text and "false break @5" in text and "JailbreakBench benign refused" in text
 
 
+def depth_zero_episode(index: int, dataset: str, refused: bool, reset: bool = False) -> Episode:
+    return Episode(episode_id=str(index), model="m", behavior_id=f"{dataset}-{index}", dataset=dataset, prompt="p",
+                   attack=Prefill(depths=[0]), position=PrefillPosition(depth=0), depth=0, context_ids=[1],
+                   answer_start=0, continuation_ids=[], continuation_text="", finish_reason="eos", exact_ids=True,
+                   refused=refused, reset=reset)
+
+
 def test_refusals_of_mixed_sources_are_split_by_source():
-    from trajalign.records import Episode
     from trajalign.runs import summarize
 
-    def episode(index: int, dataset: str, refused: bool) -> Episode:
-        return Episode(episode_id=str(index), model="m", behavior_id=f"{dataset}-{index}", dataset=dataset,
-                       prompt="p", attack=Prefill(depths=[0]), position=PrefillPosition(depth=0), depth=0,
-                       context_ids=[1], answer_start=0, continuation_ids=[], continuation_text="", finish_reason="eos",
-                       exact_ids=True, refused=refused)
-
-    episodes = ([episode(i, "jbb-benign", i < 3) for i in range(4)]
-                + [episode(10 + i, "self-instruct-user", False) for i in range(4)])
+    episodes = ([depth_zero_episode(i, "jbb-benign", i < 3) for i in range(4)]
+                + [depth_zero_episode(10 + i, "self-instruct-user", False) for i in range(4)])
     (row,) = summarize(episodes)
     assert row["refusal_rate"] == 3 / 8
     assert row["by_dataset"]["jbb-benign"]["refused"] == 3 and row["by_dataset"]["jbb-benign"]["n"] == 4
@@ -270,14 +271,10 @@ def test_the_compare_presets_target_prefill_depths_each_reach_most_test_behavior
 
 
 def test_a_backtracking_models_resets_are_counted_per_evaluation_and_reported(tmp_path):
-    from trajalign.records import Episode
     from trajalign.runs import EpisodeLog
 
     def episode(index: int, reset: bool) -> Episode:
-        return Episode(episode_id=str(index), model="m", behavior_id=f"b{index}", dataset="xstest-safe", prompt="p",
-                       attack=Prefill(depths=[0]), position=PrefillPosition(depth=0), depth=0, context_ids=[1],
-                       answer_start=0, continuation_ids=[], continuation_text="", finish_reason="eos",
-                       exact_ids=True, refused=reset, reset=reset)
+        return depth_zero_episode(index, "xstest-safe", refused=reset, reset=reset)
 
     evals = tmp_path / "evals" / "backtracking"
     EpisodeLog(evals / "xstest-safe").append([episode(i, i < 1) for i in range(4)])
