@@ -41,6 +41,11 @@ def test_weights_shift_from_rerouting_to_retain():
     assert schedule(100, 100, 10.0) == pytest.approx((5.0, 5.0))
 
 
+def test_rerouting_only_holds_the_retain_weight_at_zero_over_the_first_share_of_steps():
+    assert schedule(24, 100, 10.0, rerouting_only=0.25) == pytest.approx((8.8, 0.0))
+    assert schedule(25, 100, 10.0, rerouting_only=0.25) == pytest.approx((8.75, 1.25))
+
+
 def test_default_layers_scale_the_papers_blocks():
     assert default_layers(32) == [9, 19]  # hidden states 10 and 20 of Llama-3-8B
     assert default_layers(30) == [8, 18]

@@ -16,6 +16,11 @@ class ReroutingSettings(BaseModel):
     layers: list[int] | None = Field(default=None, min_length=1, description="decoder blocks (from 0) whose "
                                      "outputs are rerouted; default the blocks at one and two thirds of the depth "
                                      "(the paper's 10 and 20 of 32); LoRA covers every block up to the deepest")
+    rerouting_only: float = Field(default=0.0, ge=0, lt=1, description="share of the optimizer steps, at the "
+                                  "start, whose retain weight is 0 (the paper's schedule: 0). In float32 the "
+                                  "adapted states start equal to the original's, where the cosine has zero "
+                                  "gradient and the retain distance a gradient of unit size, so from the second "
+                                  "step on the retain term holds the adapter at the original")
 
 
 class AblationSettings(BaseModel):

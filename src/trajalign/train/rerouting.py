@@ -36,10 +36,12 @@ def default_layers(depth: int) -> list[int]:
     return sorted({max(0, round(depth * output / PAPER_DEPTH) - 1) for output in PAPER_REROUTED_OUTPUTS})
 
 
-def schedule(step: int, total_steps: int, alpha: float) -> tuple[float, float]:
-    """(rerouting weight, retain weight) at optimizer step `step` of `total_steps`: a(1 - t/2T) and a t/2T."""
+def schedule(step: int, total_steps: int, alpha: float, rerouting_only: float = 0.0) -> tuple[float, float]:
+    """(rerouting weight, retain weight) at optimizer step `step` of `total_steps`: a(1 - t/2T) and a t/2T, the
+    retain weight 0 over the first `rerouting_only` share of the steps."""
     progress = step / (2 * max(total_steps, 1))
-    return alpha * (1 - progress), alpha * progress
+    retain = 0.0 if step < rerouting_only * total_steps else alpha * progress
+    return alpha * (1 - progress), retain
 
 
 def rerouting_loss(adapted: torch.Tensor, original: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -103,6 +105,7 @@ class Rerouting(Objective):
         self.rerouted = sorted(set(layers))
         self.adapted = list(range(self.rerouted[-1] + 1))
         self.alpha = config.recipe.rerouting.alpha
+        self.rerouting_only = config.recipe.rerouting.rerouting_only
         self.lora_targets = config.lora.target_modules
 
     def lora_options(self, model) -> dict:
@@ -133,7 +136,8 @@ class Rerouting(Objective):
         rerouted_rows = inputs["rerouted"].bool()[:, None]
         continuation = (inputs["labels"] != IGNORE) & rerouted_rows
         retained = inputs["attention_mask"].bool() & ~rerouted_rows
-        rerouting_weight, retain_weight = schedule(trainer.state.global_step, trainer.state.max_steps, self.alpha)
+        rerouting_weight, retain_weight = schedule(trainer.state.global_step, trainer.state.max_steps, self.alpha,
+                                                     self.rerouting_only)
         loss = (rerouting_weight * rerouting_loss(adapted[self.rerouted], original[self.rerouted], continuation)
                 + retain_weight * retain_loss(adapted, original, retained))
         loss = loss / trainer.current_gradient_accumulation_steps  # a pass's share of the step's mean
