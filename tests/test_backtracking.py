@@ -136,3 +136,27 @@ def test_a_model_that_only_added_the_reset_token_takes_its_originals_trajectorie
     injected = load_trajectories(f"model:{original}", behaviors, target, max_tokens=6)
     own = load_trajectories(f"model:{original}", behaviors, load_model(str(original)), max_tokens=6)
     assert {key: t.token_ids for key, t in injected.items()} == {key: t.token_ids for key, t in own.items()}
+
+
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+def test_the_reset_row_learns_at_its_own_multiple_of_the_learning_rate(tmp_path, scale):
+    """Adam's first step moves every weight with a gradient by about the learning rate: the reset row by its
+    scaled rate, the other trained weights by the config's."""
+    from trajalign.models import load_model
+
+    save_tiny_model(tmp_path / "base")
+    handle = load_model(str(tmp_path / "base"))
+    reset = add_reset_token(handle.tokenizer, "[RESET]")
+    handle.model.resize_token_embeddings(len(handle.tokenizer))
+    before = copy.deepcopy(handle.model)
+    recipe = RecipeConfig(name="backtracking", benign_ratio=1.0, backtracking={"token_learning_rate_scale": scale})
+    config = TrainConfig(model=str(tmp_path / "base"), recipe=recipe, harmful_limit=8, benign=["jbb-benign"],
+                         benign_limit=8, trajectories="target", trajectory_tokens=12, anchor_tokens=8, batch_size=16,
+                         learning_rate=1e-3, epochs=1, out=tmp_path / "model")
+    run_training(config, handle=handle)
+    after = load_model(str(config.out)).model
+    moved_row = after.get_input_embeddings().weight[reset] - before.get_input_embeddings().weight[reset]
+    assert moved_row.abs().max().item() == pytest.approx(1e-3 * scale, rel=0.05)
+    block_moves = [(new - old).abs().max().item() for (name, new), old in
+                   zip(after.named_parameters(), before.parameters()) if "layers.0.mlp" in name]
+    assert block_moves and max(block_moves) == pytest.approx(1e-3, rel=0.05)

@@ -59,6 +59,7 @@ class Backtracking(Objective):
         """Room for the reset token (mean-initialised by transformers), and its row alone trainable when the
         embeddings are frozen for full fine-tuning; tied LM heads share the row, so it learns to emit the token too."""
         model = handle.model
+        self.scaled_rows = []
         if model.get_input_embeddings().num_embeddings <= self.reset_id:
             model.resize_token_embeddings(len(handle.tokenizer))
         weight = model.get_input_embeddings().weight
@@ -69,6 +70,12 @@ class Backtracking(Objective):
             only_reset[self.reset_id] = 1
             weight.requires_grad_(True)
             weight.register_hook(lambda gradient: gradient * only_reset)
+            self.scaled_rows = [(weight, config.recipe.backtracking.token_learning_rate_scale)]
+
+    def learning_rate_scales(self, model) -> list[tuple]:
+        """The embedding matrix, whose only non-zero gradient is the reset row's: Adam leaves rows without a
+        gradient where they are, so the scale is the reset row's alone."""
+        return [(weight, scale) for weight, scale in self.scaled_rows if scale != 1.0]
 
     def lora_options(self, model) -> dict:
         return {"trainable_token_indices": [self.reset_id]}

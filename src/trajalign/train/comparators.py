@@ -43,3 +43,8 @@ class BacktrackingSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     token: str = Field(default="[RESET]", min_length=1, description="the special token added to the vocabulary")
+    token_learning_rate_scale: float = Field(default=1.0, gt=0, description="full fine-tuning with frozen "
+                                             "embeddings: the reset token's (tied) embedding row learns at this "
+                                             "multiple of the learning rate. It starts at the mean row, and Adam "
+                                             "moves a weight about one learning rate per step, so at 3e-4 a few "
+                                             "dozen steps leave its logit far below the top token's")

@@ -10,7 +10,7 @@ class Objective:
     """Cross-entropy at labelled tokens, or Qi et al.'s constrained loss when the config asks for it.
 
     The trainer calls these hooks in order: `configure`, `build_rows`, `row_columns` (per row), `prepare_model`,
-    `lora_options`, `callbacks`, then `compute_loss` per batch. A comparator overrides those it needs.
+    `lora_options`, `learning_rate_scales`, `callbacks`, then `compute_loss` per batch. A comparator overrides those it needs.
     """
 
     columns: tuple[str, ...] = ()  # per-row integers the loss reads besides input_ids and labels
@@ -38,6 +38,10 @@ class Objective:
     def lora_options(self, model) -> dict:
         """peft.LoraConfig arguments beyond, or instead of, those of the config's LoRA settings."""
         return {}
+
+    def learning_rate_scales(self, model) -> list[tuple]:
+        """(parameter, factor) pairs: parameters of the model being trained that learn at factor x the rate."""
+        return []
 
     def callbacks(self, checkpoints) -> list:
         """transformers TrainerCallbacks; `checkpoints` is the folder that a killed run resumes from."""

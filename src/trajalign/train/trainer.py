@@ -126,6 +126,17 @@ def _trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             return self.objective.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
+        def create_optimizer(self, model=None):
+            """The default optimizer, with each parameter that the objective scales in a group of its own, at
+            that multiple of the learning rate (the scheduler then decays every group alike)."""
+            optimizer = super().create_optimizer(model)
+            for parameter, scale in self.objective.learning_rate_scales(self.model if model is None else model):
+                for group in optimizer.param_groups:
+                    group["params"] = [kept for kept in group["params"] if kept is not parameter]
+                optimizer.add_param_group({"params": [parameter], "weight_decay": 0.0,
+                                           "lr": self.args.learning_rate * scale})
+            return optimizer
+
         def token_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             """Cross-entropy (or the constrained loss) from logits at trained positions only.
 
