@@ -10,7 +10,8 @@ class Objective:
     """Cross-entropy at labelled tokens, or Qi et al.'s constrained loss when the config asks for it.
 
     The trainer calls these hooks in order: `configure`, `build_rows`, `row_columns` (per row), `prepare_model`,
-    `lora_options`, `learning_rate_scales`, `callbacks`, then `compute_loss` per batch. A comparator overrides those it needs.
+    `lora_options`, `learning_rate_scales`, `callbacks`, then `compute_loss` per batch. A comparator overrides
+    those it needs.
     """
 
     columns: tuple[str, ...] = ()  # per-row integers the loss reads besides input_ids and labels
