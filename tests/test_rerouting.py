@@ -149,3 +149,22 @@ def test_circuit_breaker_trains_saves_and_loads(tmp_path):
                if ".layers." in name and not torch.equal(trained[name], base[name])}
     assert changed == {0, 1}  # the adapter covers blocks 0..1 (rerouted: 0 and 1), merged on save
     assert load_model(str(config.out)).model is not None
+
+
+def test_circuit_breaker_batches_mix_harmful_and_retained_rows(tmp_path, monkeypatch):
+    kinds_per_step = []
+    compute_loss = Rerouting.compute_loss
+
+    def recording(self, trainer, model, inputs, *args, **kwargs):
+        kinds_per_step.append(set(inputs["rerouted"].tolist()))
+        return compute_loss(self, trainer, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(Rerouting, "compute_loss", recording)
+    save_tiny_model(tmp_path / "base", num_layers=4)
+    config = TrainConfig(model=str(tmp_path / "base"), recipe=RecipeConfig(name="circuit-breaker", benign_ratio=1.0),
+                         harmful_limit=32, benign=["jbb-benign"], benign_limit=32, trajectories="target",
+                         trajectory_tokens=24, anchor_tokens=4, batch_size=4, learning_rate=3e-3, epochs=1,
+                         out=tmp_path / "model")
+    run_training(config)
+    # Rows grouped by length (anchors 40-91 tokens, rerouted rows 63-134) mix in 6 of these 16 batches
+    assert len(kinds_per_step) == 16 and sum(kinds == {0, 1} for kinds in kinds_per_step) >= 12

@@ -15,6 +15,9 @@ class Objective:
     """
 
     columns: tuple[str, ...] = ()  # per-row integers the loss reads besides input_ids and labels
+    # Batches of rows of similar length waste less compute on padding; a loss with a term per kind of row may
+    # need every batch to mix the kinds instead.
+    length_grouped_batches: bool = True
 
     def configure(self, config):
         """The TrainConfig this method trains with: settings it fixes (LoRA, the constrained loss) filled in."""

@@ -80,6 +80,10 @@ class Rerouting(Objective):
     the deepest rerouted one (the paper's r=16 adapter unless the config names another)."""
 
     columns = ("rerouted",)
+    # The reference pairs a harmful and a retained example in every step. Rows grouped by length fall into
+    # batches of one kind (harmful continuations are longer than anchors), and Adam then alternates between a
+    # rerouting step and a retain step, the latter pulling the adapter back to the original.
+    length_grouped_batches = False
 
     def configure(self, config):
         # Its losses are means over the rerouted and the retained tokens of the batch, which micro-batches would

@@ -361,7 +361,7 @@ def _fine_tune(config: TrainConfig, handle, rows: list[TrainingRow], out: Path, 
         bf16=on_gpu and config.dtype == "bfloat16",
         dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False, max_length=None,
         dataloader_num_workers=0, disable_tqdm=True, ddp_find_unused_parameters=False,
-        train_sampling_strategy="group_by_length",  # similar lengths per batch: less compute spent on padding
+        train_sampling_strategy="group_by_length" if objective.length_grouped_batches else "random",
         activation_checkpointing=False,  # TRL turns it on; for small models recomputation only costs time
     )
     pad_id = handle.tokenizer.pad_token_id
