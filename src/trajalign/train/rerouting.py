@@ -4,6 +4,11 @@ On harmful rows (prompt + the model's own harmful continuation) the adapted mode
 blocks is pushed away from the original's: mean over continuation tokens of ReLU(cosine(h_adapted, h_original)).
 On benign rows it is held in place: mean over tokens of the L2 distance between the two, at every block the adapter
 touches. The original is the same model with its adapter disabled, run without gradients: no second copy.
+
+In float32 the adapter starts exactly at the original, where the cosine is at its maximum and has zero gradient,
+while the retain distance has a gradient of unit size as soon as the states move: on the embedded model, at the
+paper's schedule, the retain term held the adapter there for all 56 steps of the compare preset (greedy answers
+identical to the original's). `rerouting.rerouting_only` trains the first share of steps on rerouting alone.
 """
 
 from __future__ import annotations
