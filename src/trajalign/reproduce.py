@@ -123,6 +123,16 @@ def trajectory_data(harmful: int = 100, anchors: int = 200, benign_ratio: float 
 
 TRAJECTORY_DATA = trajectory_data()
 
+# Each comparator's settings in the compare preset where they differ from its paper's (trajalign.train.comparators)
+# and the preset's learning rate, chosen on the validation split with the same effort per method: two settings
+# each, one knob, picked by `selection_score` (benchmarks/recipe_validation.py; the grid is in the README). The
+# circuit breaker refuses nothing under any setting, so its setting was picked by blind hand labels of harmful
+# continuations (gold/circuit-breaker-validation/).
+COMPARATOR_SETTINGS = {
+    "circuit-breaker": {"learning_rate": 1e-3, "recipe_options": {"rerouting": {"rerouting_only": 0.25}}},
+    "backtracking": {"recipe_options": {"backtracking": {"token_learning_rate_scale": 30}}},
+}
+
 PRESETS = {
     # Every stage on a handful of behaviors, for a first look and for CI; its numbers mean nothing.
     "smoke": Preset(train_behaviors=8, test_behaviors=4, trajectory_tokens=16, anchors=8, anchor_tokens=16,
@@ -142,14 +152,14 @@ PRESETS = {
                              "trajectory": RoleTraining(epochs=3, **TRAJECTORY_DATA)},
                    over_refusal_prompts=40, decoding=True, direction_prompts=32,
                    layer_step=3, held_out="full"),
-    # Every comparator beside the study's two models, at the quick preset's sizes: eight models and every held-out
-    # attack took 119 minutes on 2 cores (2026-11-29), a quarter of it the fine-tuning attacks. Every model trains
-    # on the trajectory model's data for the same two epochs; each comparator keeps its paper's settings
-    # (trajalign.train.comparators), not chosen per method on the validation split.
+    # Every comparator beside the study's two models, at the quick preset's sizes. Every model trains on the
+    # trajectory model's data for the same two epochs, each comparator at its settings chosen on the validation
+    # split (COMPARATOR_SETTINGS).
     "compare": Preset(train_behaviors=48, test_behaviors=20, trajectory_tokens=40, anchors=48, anchor_tokens=24,
                       training={"shallow": RoleTraining(epochs=2, **TRAJECTORY_DATA),
                                 "trajectory": RoleTraining(epochs=2, **TRAJECTORY_DATA),
-                                **{name: RoleTraining(recipe=name, epochs=2, **TRAJECTORY_DATA)
+                                **{name: RoleTraining(recipe=name, epochs=2, **TRAJECTORY_DATA,
+                                                      **COMPARATOR_SETTINGS.get(name, {}))
                                    for name in COMPARATORS}},
                       utility_prompts=60, held_out="compare"),
 }
