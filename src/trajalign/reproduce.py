@@ -130,6 +130,7 @@ TRAJECTORY_DATA = trajectory_data()
 # continuations (gold/circuit-breaker-validation/).
 COMPARATOR_SETTINGS = {
     "circuit-breaker": {"learning_rate": 1e-3, "recipe_options": {"rerouting": {"rerouting_only": 0.25}}},
+    "rto": {"recipe_options": {"rto_fraction": 0.5}},
     "backtracking": {"recipe_options": {"backtracking": {"token_learning_rate_scale": 30}}},
 }
 
