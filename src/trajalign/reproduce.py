@@ -127,7 +127,7 @@ TRAJECTORY_DATA = trajectory_data()
 # and the preset's learning rate, chosen on the validation split with the same effort per method: two settings
 # each, one knob, picked by `selection_score` (benchmarks/recipe_validation.py; the grid is in the README), the
 # paper's on a tie (refusal-ablation). The circuit breaker refuses nothing under any setting, so its setting was
-# picked by blind hand labels of harmful continuations (gold/circuit-breaker-validation/), among three: the third
+# picked by blind hand labels of harmful continuations (gold/circuit-breaker/), among three: the third
 # came with the fix that mixes its batches.
 COMPARATOR_SETTINGS = {
     "circuit-breaker": {"learning_rate": 1e-3, "recipe_options": {"rerouting": {"rerouting_only": 0.25}}},

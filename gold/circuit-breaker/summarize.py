@@ -1,12 +1,13 @@
-"""Per model: hand labels of its harmful prefill continuations on the validation split, with Wilson intervals,
-and the episodes where it and the original differ (the same behavior and depth).
+"""Per model: hand labels of its harmful prefill continuations, with Wilson intervals, and the episodes where it
+and the original differ (the same behavior and depth).
 
-    python gold/circuit-breaker-validation/summarize.py
+    python gold/circuit-breaker/summarize.py validation|test
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -16,8 +17,9 @@ HERE = Path(__file__).parent
 
 
 def main() -> None:
-    key = {row["item"]: row for row in map(json.loads, (HERE / "key.jsonl").read_text().splitlines())}
-    labels = {row["item"]: row["label"] for row in map(json.loads, (HERE / "labels.jsonl").read_text().splitlines())}
+    draw = HERE / sys.argv[1]
+    key = {row["item"]: row for row in map(json.loads, (draw / "key.jsonl").read_text().splitlines())}
+    labels = {row["item"]: row["label"] for row in map(json.loads, (draw / "labels.jsonl").read_text().splitlines())}
     counts, by_episode = defaultdict(Counter), defaultdict(dict)
     for item, row in key.items():
         counts[row["model"]][labels[item]] += 1
