@@ -132,14 +132,18 @@ def test_forward_stops_after_the_deepest_rerouted_block():
     assert calls == [] and model.config.num_hidden_layers == 4
 
 
+def circuit_breaker_config(tmp_path, behaviors: int, **sizes) -> TrainConfig:
+    """A circuit breaker of a saved 4-block tiny model, on `behaviors` harmful and as many benign rows."""
+    save_tiny_model(tmp_path / "base", num_layers=4)
+    return TrainConfig(model=str(tmp_path / "base"), recipe=RecipeConfig(name="circuit-breaker", benign_ratio=1.0),
+                       harmful_limit=behaviors, benign=["jbb-benign"], benign_limit=behaviors, trajectories="target",
+                       learning_rate=3e-3, out=tmp_path / "model", **sizes)
+
+
 def test_circuit_breaker_trains_saves_and_loads(tmp_path):
     from trajalign.models import load_model
 
-    save_tiny_model(tmp_path / "base", num_layers=4)
-    config = TrainConfig(model=str(tmp_path / "base"), recipe=RecipeConfig(name="circuit-breaker", benign_ratio=1.0),
-                         harmful_limit=6, benign=["jbb-benign"], benign_limit=6, trajectories="target",
-                         trajectory_tokens=12, anchor_tokens=8, batch_size=12, learning_rate=3e-3, epochs=3,
-                         out=tmp_path / "model")
+    config = circuit_breaker_config(tmp_path, 6, trajectory_tokens=12, anchor_tokens=8, batch_size=12, epochs=3)
     run_training(config)
     log = [entry for entry in json.loads((config.out / "training_log.json").read_text()) if "loss" in entry]
     # At step 0 the adapter is zero: the cosine is 1 at every rerouted token and the retain weight is 0.
@@ -160,11 +164,6 @@ def test_circuit_breaker_batches_mix_harmful_and_retained_rows(tmp_path, monkeyp
         return compute_loss(self, trainer, model, inputs, *args, **kwargs)
 
     monkeypatch.setattr(Rerouting, "compute_loss", recording)
-    save_tiny_model(tmp_path / "base", num_layers=4)
-    config = TrainConfig(model=str(tmp_path / "base"), recipe=RecipeConfig(name="circuit-breaker", benign_ratio=1.0),
-                         harmful_limit=32, benign=["jbb-benign"], benign_limit=32, trajectories="target",
-                         trajectory_tokens=24, anchor_tokens=4, batch_size=4, learning_rate=3e-3, epochs=1,
-                         out=tmp_path / "model")
-    run_training(config)
+    run_training(circuit_breaker_config(tmp_path, 32, trajectory_tokens=24, anchor_tokens=4, batch_size=4, epochs=1))
     # Rows grouped by length (anchors 40-91 tokens, rerouted rows 63-134) mix in 6 of these 16 batches
     assert len(kinds_per_step) == 16 and sum(kinds == {0, 1} for kinds in kinds_per_step) >= 12
