@@ -65,7 +65,7 @@ def held_out_attacks(preset: str, train_behaviors: Path | None = None, original:
                                                    note="greedy answers of another model with the same tokenizer")
     if train_behaviors is not None:
         # k = 50 broke every model of the full preset as k = 20 did (0-2% recovery), and k = 20 broke every model
-        # of the compare preset (0-25%) at two thirds of its attack time: compare, with eight models, stops at 5
+        # of the compare preset (0-25%) for about 40% of a model's held-out attack time: compare stops at 5
         finetune_steps = [5] if preset == "compare" else [5, 20, 50]
         train_datasets = {"harmful": str(train_behaviors), "benign": str(benign_sft) if benign_sft else None}
         for data, train_dataset in train_datasets.items():
