@@ -36,7 +36,7 @@ from trajalign.console import Display, LineDisplay
 from trajalign.data.datasets import Behavior, is_benign, load_behaviors, write_behaviors
 from trajalign.data.trajectories import Trajectory, load_trajectories
 from trajalign.errors import InputError
-from trajalign.evaluate import AblationConfig, EvalConfig, Evaluation, JudgeConfig
+from trajalign.evaluate import AblationConfig, EvalConfig, Evaluation, JudgeConfig, run_together
 from trajalign.headline import BENIGN_INSERT, BENIGN_SWEEP, HARMFUL_INSERT, HARMFUL_SWEEP, from_summary, markdown
 from trajalign.models.loading import load_model
 from trajalign.models.registry import DEFAULT_MODEL
@@ -306,8 +306,8 @@ class Reproduction:
                 with self.stage(f"train {role}") as progress:
                     self.train(role, train, anchors, trajectories, progress)
             with self.stage(f"evaluate {role}") as progress:
-                results[role] = self.evaluate(role, test, trajectories, over_refusal, progress)
-                results[role] |= self.evaluate_benign_controls(role, controls, benign_answers, benign_spans, progress)
+                results[role] = self.evaluate(role, test, trajectories, over_refusal, controls, benign_answers,
+                                              benign_spans, progress)
             with self.stage(f"utility {role}") as progress:
                 utility[role] = self.utility(role, self.utility_sets(over_refusal["self-instruct-user"]), progress)
             with self.stage(f"probe {role}") as progress:
@@ -393,9 +393,9 @@ class Reproduction:
                              f"prompt cannot be a training anchor")
         return anchors
 
-    def _eval(self, role: str, name: str, attack, behaviors: list[Behavior],
-              trajectories: dict[str, Trajectory] | None, progress=None, source: str = ORIGINAL_TRAJECTORIES,
-              judges: list[JudgeConfig] | None = None, ablate: AblationConfig | None = None) -> list[dict]:
+    def _evaluation(self, role: str, name: str, attack, behaviors: list[Behavior],
+                    trajectories: dict[str, Trajectory] | None, source: str = ORIGINAL_TRAJECTORIES,
+                    judges: list[JudgeConfig] | None = None, ablate: AblationConfig | None = None) -> Evaluation:
         """One evaluation; its behaviors are written into its run directory, so that its config.yaml re-runs it."""
         out = self.out / "evals" / role / name
         behaviors_file = write_behaviors(out / "behaviors.jsonl", behaviors)
@@ -403,11 +403,16 @@ class Reproduction:
                             trajectory_tokens=self.preset.trajectory_tokens, attack=attack,
                             max_new_tokens=CONTINUATION_TOKENS, batch_size=GENERATION_BATCH_SIZE,
                             judges=judges or [JudgeConfig()], ablate=ablate, out=out)
-        evaluation = Evaluation(config, handle=self._handle(role), trajectories=trajectories,
-                                judges=self._built(config.judges, role))
-        rows = evaluation.run(progress and (lambda done, total: progress(done, total, f"{name} episodes")))["rows"]
-        release_memory()  # the freed KV caches would otherwise stay in the heap, under the next evaluation's peak
-        return rows
+        return Evaluation(config, handle=self._handle(role), trajectories=trajectories,
+                          judges=self._built(config.judges, role))
+
+    def run_evaluations(self, evaluations: dict[str, Evaluation], progress=None) -> dict[str, list[dict]]:
+        """A model's evaluations, generated together (`run_together`); their summary rows by name."""
+        summaries = run_together(list(evaluations.values()),
+                                 progress and (lambda done, total: progress(done, total, "episodes")))
+        self._scorer = None
+        release_memory()  # the freed KV caches would otherwise stay in the heap, under the next stage's peak
+        return {name: summary["rows"] for name, summary in zip(evaluations, summaries)}
 
     def _handle(self, role: str):
         """The model of `role`, loaded once while consecutive stages use it; one model is resident at a time."""
@@ -434,31 +439,37 @@ class Reproduction:
         self._loaded = self._loaded_role = self._scorer = None
         release_memory()
 
-    def evaluate(self, role: str, test, trajectories, over_refusal, progress=None) -> dict:
+    def evaluate(self, role: str, test, trajectories, over_refusal, controls: list[Behavior],
+                 benign_answers: dict[str, Trajectory], benign_spans: dict[str, Trajectory], progress=None) -> dict:
+        """The harmful attacks on the test behaviors, the harmless sources and the benign controls: one stream."""
+        return self.run_evaluations(self.test_evaluations(role, test, trajectories, over_refusal)
+                                    | self.benign_control_evaluations(role, controls, benign_answers, benign_spans),
+                                    progress)
+
+    def test_evaluations(self, role: str, test, trajectories, over_refusal) -> dict[str, Evaluation]:
         preset = self.preset
-        rows = {HARMFUL_SWEEP: self._eval(role, HARMFUL_SWEEP, Prefill(depths=preset.depths), test, trajectories,
-                                          progress),
-                HARMFUL_INSERT: self._eval(role, HARMFUL_INSERT, self._insertion(), test, trajectories, progress)}
+        evaluations = {
+            HARMFUL_SWEEP: self._evaluation(role, HARMFUL_SWEEP, Prefill(depths=preset.depths), test, trajectories),
+            HARMFUL_INSERT: self._evaluation(role, HARMFUL_INSERT, self._insertion(), test, trajectories)}
         # keyword first (its verdict is `refused`), then the pmi judge's "attempts the task" on the same answers
         helpfulness = [JudgeConfig(name="keyword"), JudgeConfig(name="pmi")]
         for name, behaviors in over_refusal.items():
-            rows[name] = self._eval(role, name, Prefill(depths=[0]), behaviors, None, progress, judges=helpfulness)
-        self._scorer = None
+            evaluations[name] = self._evaluation(role, name, Prefill(depths=[0]), behaviors, None, judges=helpfulness)
         if preset.decoding:
-            rows["decoding"] = self._eval(role, "decoding", Decoding(samples=1), test, None, progress)
-        return rows
+            evaluations["decoding"] = self._evaluation(role, "decoding", Decoding(samples=1), test, None)
+        return evaluations
 
     def _insertion(self) -> Insert:
         return Insert(after=[self.preset.insert_after], span_lengths=[self.preset.insert_length])
 
-    def evaluate_benign_controls(self, role: str, controls: list[Behavior], answers: dict[str, Trajectory],
-                                 spans: dict[str, Trajectory], progress=None) -> dict:
+    def benign_control_evaluations(self, role: str, controls: list[Behavior], answers: dict[str, Trajectory],
+                                   spans: dict[str, Trajectory]) -> dict[str, Evaluation]:
         """The harmful sweep's perturbations where the right behaviour is to carry on: the original model's own
         benign answer prefilled at the same depths, a span of another prompt's answer inserted at the same point."""
         depths = [depth for depth in self.preset.depths if depth > 0]
-        return {BENIGN_SWEEP: self._eval(role, BENIGN_SWEEP, Prefill(depths=depths), controls, answers, progress),
-                BENIGN_INSERT: self._eval(role, BENIGN_INSERT, self._insertion(), controls, spans, progress,
-                                          source=BENIGN_INSERT_TRAJECTORIES)}
+        return {BENIGN_SWEEP: self._evaluation(role, BENIGN_SWEEP, Prefill(depths=depths), controls, answers),
+                BENIGN_INSERT: self._evaluation(role, BENIGN_INSERT, self._insertion(), controls, spans,
+                                                source=BENIGN_INSERT_TRAJECTORIES)}
 
     def utility_sets(self, self_instruct: list[Behavior]) -> dict[str, list[Behavior]]:
         """The reference answers that measure utility: Dolly's evaluation part and the Self-Instruct user tasks."""
@@ -499,14 +510,14 @@ class Reproduction:
         if role != "original":
             train_file = write_behaviors(self.out / "held-out-train.jsonl", train)
             benign_sft = write_behaviors(self.out / "held-out-benign-sft.jsonl", self.benign_sft_behaviors())
-        rows = {}
+        evaluations = {}
         for name, spec in held_out_attacks(self.preset.held_out, train_file, DEFAULT_MODEL,
                                            benign_sft=benign_sft).items():
             ablate = AblationConfig(direction=self.out / "probes" / role / "direction") if spec.ablate else None
             given = trajectories if spec.trajectories == ORIGINAL_TRAJECTORIES else None
-            rows[name] = self._eval(role, f"held-out/{name}", spec.attack, test, given, progress,
-                                    source=spec.trajectories, ablate=ablate)
-        return rows
+            evaluations[name] = self._evaluation(role, f"held-out/{name}", spec.attack, test, given,
+                                                 source=spec.trajectories, ablate=ablate)
+        return self.run_evaluations(evaluations, progress)
 
     def benign_sft_behaviors(self) -> list[Behavior]:
         """What the benign fine-tuning attack trains every model on: Dolly training questions with their human
