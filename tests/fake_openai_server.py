@@ -51,9 +51,11 @@ class FakeCompletionsServer:
         else:
             ids = self.handle.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         stops = self.handle.chat.end_of_turn_ids
+        bias = [[[int(token)], value] for token, value in body.get("logit_bias", {}).items()] or None
         with self.lock, torch.no_grad():
             output = self.handle.model.generate(torch.tensor([ids]), max_new_tokens=body["max_tokens"],
-                                                do_sample=False, eos_token_id=stops, pad_token_id=0)
+                                                do_sample=False, eos_token_id=stops, pad_token_id=0,
+                                                sequence_bias=bias)
         new = output[0, len(ids):].tolist()
         finish = "stop" if new and new[-1] in stops else "length"
         new = [token for token in new if token not in stops]

@@ -8,10 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
+from trajalign.errors import InputError
 from trajalign.judges import KeywordJudge
 from trajalign.reset_token import reset_token_id, reset_view, split_at_reset
 from trajalign.testing import labelled_cross_entropy, save_tiny_model, tiny_handle
-from trajalign.train.backtracking import Backtracking, add_reset_token, backtracking_row, bias_reset_logits
+from trajalign.train.backtracking import Backtracking, add_reset_token, backtracking_row
 from trajalign.train.recipes import IGNORE, RecipeConfig, RowBuilder, TrainingRow
 from trajalign.train.trainer import TrainConfig, run_training
 
@@ -85,11 +86,35 @@ def test_evaluation_judges_what_follows_a_reset_and_counts_the_reset_as_refused(
     assert not plain.reset and not plain.refused
 
 
-def test_logit_bias_moves_only_the_reset_token():
-    logits = torch.zeros(2, 5)
-    biased = bias_reset_logits(logits, 3, -4.0)
-    assert biased[:, 3].tolist() == [-4.0, -4.0] and biased[:, [0, 1, 2, 4]].abs().sum() == 0
-    assert logits.abs().sum() == 0
+@pytest.mark.parametrize("bias", [100.0, -100.0])
+def test_the_reset_logit_bias_of_an_evaluation_makes_or_stops_every_reset(tmp_path, bias):
+    from trajalign.attacks import Prefill
+    from trajalign.evaluate import EvalConfig, Evaluation
+    from trajalign.runs import EpisodeLog
+
+    handle = tiny_handle()
+    reset = add_reset_token(handle.tokenizer, "[RESET]")
+    handle.model.resize_token_embeddings(len(handle.tokenizer))
+    config = EvalConfig(model="tiny", dataset="advbench", limit=3, trajectories="target", attack=Prefill(depths=[0, 2]),
+                        max_new_tokens=6, reset_logit_bias=bias, out=tmp_path / "run")
+    Evaluation(config, handle=handle).run()
+    episodes = EpisodeLog(config.out).load()
+    assert len(episodes) == 6
+    if bias > 0:
+        assert all(e.continuation_ids == [reset] * 6 and e.reset and e.refused for e in episodes)
+    else:
+        assert all(reset not in e.continuation_ids and not e.reset for e in episodes)
+
+
+def test_a_reset_logit_bias_for_a_model_without_the_reset_token_is_refused_before_anything_is_written(tmp_path):
+    from trajalign.evaluate import EvalConfig, Evaluation
+    from trajalign.testing import tiny_handle as plain_handle
+
+    config = EvalConfig(model="tiny", dataset="advbench", limit=2, trajectories="target", reset_logit_bias=-2.0,
+                        out=tmp_path / "run")
+    with pytest.raises(InputError, match="reset_logit_bias: model 'tiny' has no \\[RESET\\] token"):
+        Evaluation(config, handle=plain_handle()).run()
+    assert not config.out.exists()
 
 
 @pytest.mark.parametrize("lora", [None, {"r": 4, "alpha": 8}])

@@ -110,6 +110,7 @@ CASES = {
     "unknown anchor answers": (lambda t: ["train", "--anchor-answers", "maybe"], "field 'anchor_answers'"),
     "zero rounds": (lambda t: ["train", "--rounds", "0"], "field 'rounds'"),
     "depth beyond trajectories": (evaluate("--depths", "0,5000"), "depth 5000: beyond every trajectory"),
+    "reset bias without a reset token": (evaluate("--reset-logit-bias", "-2"), "has no [RESET] token"),
     "prompt longer than the window": (evaluate("--depths", "0",
                                                dataset=lambda t: write(t / "long.txt", LONG_PROMPT + "\n")),
                                       "over the model's window of 512"),

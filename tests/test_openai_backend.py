@@ -32,6 +32,20 @@ def test_server_continuations_equal_hf_backend(tiny):
     assert all(isinstance(prompt, list) for prompt in sent)  # token ids, never re-tokenized text
 
 
+def test_logit_bias_is_sent_to_the_server_and_biases_as_the_hf_backend_does(tiny):
+    requests = sweep(tiny)
+    plain = {r.key: r.continuation_ids for batch in HFBackend(tiny).generate(requests) for r in batch}
+    bias = {ids[0]: -100.0 for ids in plain.values()}  # no continuation may start as it did, or use those tokens
+    local = {r.key: r.continuation_ids for batch in HFBackend(tiny, logit_bias=bias).generate(requests) for r in batch}
+    with FakeCompletionsServer(tiny) as server:
+        backend = OpenAICompatBackend(tiny, base_url=server.base_url, served_model="tiny", logit_bias=bias)
+        remote = {r.key: r.continuation_ids for batch in backend.generate(requests) for r in batch}
+        sent = [body["logit_bias"] for body in server.requests]
+    assert remote == local
+    assert all(ids and not set(ids) & set(bias) for ids in local.values())
+    assert sent and all(body == {str(token): -100.0 for token in bias} for body in sent)
+
+
 def test_depths_of_a_trunk_go_deepest_first(tiny):
     ordered = OpenAICompatBackend.order(sweep(tiny))
     assert [r.key for r in ordered] == ["0@9", "0@4", "0@0", "1@9", "1@4", "1@0"]

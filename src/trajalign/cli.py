@@ -186,6 +186,8 @@ def eval_command(
     base_url: Optional[str] = typer.Option(None, help="openai backend: server URL ending in /v1"),
     served_model: Optional[str] = typer.Option(None, help="openai backend: the server's model name"),
     batch_size: Optional[int] = typer.Option(None, help="generation batch size"),
+    reset_logit_bias: Optional[float] = typer.Option(None, help="backtracking models: added to the reset token's "
+                                                                "logit at every step (below 0: fewer resets)"),
     trust_remote_code: TrustRemoteCode = False, allow_pickle: AllowPickle = False,
     out: Optional[Path] = typer.Option(None, help="run directory (re-running resumes it)"),
     quiet: bool = QUIET,
@@ -202,7 +204,8 @@ def eval_command(
     eval_config = command_config(EvalConfig, config, {
         "model": model, "dataset": dataset, "limit": limit, "trajectories": trajectories,
         "max_new_tokens": max_new_tokens, "backend": backend, "batch_size": batch_size, "out": out,
-        "attack": attack_options, "defense": {"kind": "reinject-header"} if defense else None,
+        "reset_logit_bias": reset_logit_bias, "attack": attack_options,
+        "defense": {"kind": "reinject-header"} if defense else None,
         "ablate": {"direction": ablate} if ablate else None,
         "backend_options": {"base_url": base_url, "served_model": served_model},
         **security_options(trust_remote_code, allow_pickle)}, defaults={"attack": {"kind": "prefill"}})

@@ -22,7 +22,7 @@ from trajalign.judges import KeywordJudge, episode_judge_input, make_judge
 from trajalign.models.loading import ModelSpec, TokenizerHandle, load_model
 from trajalign.models.registry import DEFAULT_MODEL
 from trajalign.records import Episode
-from trajalign.reset_token import reset_token_id, reset_view
+from trajalign.reset_token import RESET_TOKEN, reset_token_id, reset_view
 from trajalign.runs import EpisodeLog, pin_in_manifest, write_config, write_summary
 
 
@@ -75,6 +75,8 @@ class EvalConfig(ModelSpec):
     max_new_tokens: int = Field(default=64, gt=0)
     judge_window: int = Field(default=24, gt=0, description="continuation tokens in which a refusal must begin")
     judges: list[JudgeConfig] = Field(default_factory=lambda: [JudgeConfig()])
+    reset_logit_bias: float = Field(default=0.0, description="added to the reset token's logit at every step: "
+                                    "a backtracking model's false resets against its recoveries (below 0: fewer)")
     backend: str = "hf"
     backend_options: dict = Field(default_factory=dict, description="e.g. base_url, served_model, api_key_env; "
                                   "hf: draft_tokens, draft_cost (measured at the start when unset)")
@@ -135,6 +137,12 @@ class Evaluation:
         options = dict(self.config.backend_options)
         if self.config.backend == "hf":
             options.setdefault("batch_size", self.config.batch_size)
+        if self.config.reset_logit_bias:
+            reset = reset_token_id(self.handle.tokenizer)
+            if reset is None:
+                raise InputError(f"reset_logit_bias: model '{self.config.model}' has no {RESET_TOKEN} token; only "
+                                 f"a backtracking model has one")
+            options["logit_bias"] = {reset: self.config.reset_logit_bias}
         return make_backend(self.config.backend, self.handle, **options)
 
     def key(self, behavior: Behavior, position: BasePosition) -> str:
@@ -149,11 +157,11 @@ class Evaluation:
         config, attack = self.config, self.config.attack
         behaviors = self._behaviors or load_behaviors(config.dataset, self._columns(), config.limit)
         handle = self.handle  # a bad model spec fails here, before anything is written
+        backend = self._backend()
         write_config(config.out, config)
         pin_in_manifest(config.out, "behavior_ids", [behavior.id for behavior in behaviors], "behaviors")
         log = EpisodeLog(config.out)
         done = {episode.episode_id for episode in log.load()}
-        backend = self._backend()
         trajectories = self._trajectories or self._load_trajectories(behaviors, backend)
         pin_in_manifest(config.out, "trajectories_sha256", trajectories_sha256(behaviors, trajectories),
                         "trajectories")

@@ -20,7 +20,7 @@ from trajalign.backends.base import GenerationRequest, GenerationResult
 from trajalign.backends.drafting import Drafter, DraftRecord, DraftSlot, LookupDrafter, NoDrafter, accepted_length
 from trajalign.backends.sampling import sample_token
 from trajalign.batching import batches, pad_right
-from trajalign.errors import TrajalignError
+from trajalign.errors import InputError, TrajalignError
 
 _STEP_COSTS: WeakKeyDictionary = WeakKeyDictionary()  # model -> {batch shape: relative step cost}
 
@@ -91,12 +91,14 @@ class Batch:
     Each row's cached columns are right-aligned to the batch's width; columns a row does not see are masked.
     """
 
-    def __init__(self, model, pad_id: int, stop_ids: set[int]):
+    def __init__(self, model, pad_id: int, stop_ids: set[int], logit_bias: dict[int, float] | None = None):
         self.model = model
         self.config = model.config
         self.cache_keyword = kv_cache.cache_keyword(model)
         self.pad_id = pad_id
         self.stop_ids = stop_ids
+        self.bias_ids = list(logit_bias or {})
+        self.bias_values = torch.tensor([logit_bias[token] for token in self.bias_ids], device=self.device)
         self.rows: list[Row] = []
         self.cache = None
         self.mask: torch.Tensor | None = None
@@ -154,6 +156,8 @@ class Batch:
                             use_cache=True, logits_to_keep=width - first_needed, **{self.cache_keyword: self.cache})
         self.cache = kv_cache.output_cache(output)
         logits = output.logits.float()  # column j is fed position first_needed + j
+        if self.bias_ids:  # before every choice: greedy, sampled and draft verification alike
+            logits[..., self.bias_ids] += self.bias_values
         top2 = logits.topk(2, dim=-1).values
         gaps = (top2[..., 0] - top2[..., 1]).tolist()
         choices = logits.argmax(dim=-1).tolist()
@@ -235,7 +239,8 @@ class HFBackend:
     forward pass when branches retrace each other, the output unchanged. `draft_cost` fixes the drafter's cost
     model; unset, it is measured on the first batch. `max_batch_tokens` bounds the KV cache (rows x columns):
     rows with long contexts are decoded fewer at a time rather than widening a batch of `batch_size` (None: no
-    bound).
+    bound). `logit_bias` ({token id: bias}) is added to those tokens' logits at every step, as OpenAI's parameter
+    of that name.
     """
 
     name = "hf"
@@ -244,7 +249,7 @@ class HFBackend:
 
     def __init__(self, handle, batch_size: int = 16, trunk_batch_size: int = 16, stop_ids: Iterable[int] | None = None,
                  draft_tokens: int = 8, draft_cost: float | None = None, drafter: Drafter | None = None,
-                 max_batch_tokens: int | None = 8192):
+                 max_batch_tokens: int | None = 8192, logit_bias: dict[int, float] | None = None):
         if handle is None or getattr(handle, "model", None) is None:
             raise TrajalignError("the hf backend needs a loaded model")
         self.model = handle.model
@@ -254,6 +259,11 @@ class HFBackend:
         self.batch_size = batch_size
         self.trunk_batch_size = trunk_batch_size
         self.max_batch_tokens = max_batch_tokens
+        self.logit_bias = {int(token): float(bias) for token, bias in (logit_bias or {}).items()}
+        vocabulary = self.model.get_output_embeddings().weight.shape[0] if self.logit_bias else 0
+        if any(not 0 <= token < vocabulary for token in self.logit_bias):
+            raise InputError(f"logit_bias: token ids {sorted(self.logit_bias)} must be within the model's "
+                             f"vocabulary of {vocabulary}")
         self.drafter = drafter or (LookupDrafter(draft_tokens, draft_cost) if draft_tokens else NoDrafter())
         if kv_cache.has_sliding_window_layers(self.config):
             raise TrajalignError("the hf backend's KV reuse does not support sliding-window attention layers")
@@ -272,7 +282,7 @@ class HFBackend:
         for request in requests:
             groups.setdefault(tuple(request.trunk), []).append(request)
         waiting = self._rows(groups)
-        batch = Batch(self.model, self.pad_id, self.stop_ids)
+        batch = Batch(self.model, self.pad_id, self.stop_ids, self.logit_bias)
         finished: list[Row] = []
         exhausted = calibrated = False
         held: Row | None = None  # the next row, waiting for room in the batch

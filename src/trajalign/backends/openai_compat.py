@@ -29,7 +29,7 @@ class OpenAICompatBackend:
 
     def __init__(self, handle, base_url: str | None = None, served_model: str | None = None,
                  api_key_env: str = "OPENAI_API_KEY", concurrency: int = 4, timeout_s: float = 120.0,
-                 retries: int = 3, token_ids: bool | None = None):
+                 retries: int = 3, token_ids: bool | None = None, logit_bias: dict[int, float] | None = None):
         if not base_url or not served_model:
             raise InputError("the openai backend needs --base-url (ending in /v1) and --served-model")
         self.handle = handle
@@ -40,6 +40,7 @@ class OpenAICompatBackend:
         self.send_token_ids = token_ids  # None: find out from the server on the first request
         self.identity = f"openai {base_url} {served_model}"
         self.stop_ids = set(handle.chat.end_of_turn_ids)
+        self.logit_bias = {str(token): float(bias) for token, bias in (logit_bias or {}).items()}
 
     @staticmethod
     def order(requests: list[GenerationRequest]) -> list[GenerationRequest]:
@@ -53,10 +54,13 @@ class OpenAICompatBackend:
         sampling = request.sampling
         # Neutral settings spelled the way each server knows them: no repetition penalty (llama.cpp defaults to
         # 1.1), top-k 0 = off (llama.cpp and current vLLM). vLLM returns token ids on request.
-        return {"model": self.served_model, "max_tokens": request.max_new_tokens,
-                "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
-                "seed": sampling.seed, "repeat_penalty": 1.0, "repetition_penalty": 1.0, "return_token_ids": True,
-                "prompt": request.context if as_ids else self.handle.tokenizer.decode(request.context)}
+        payload = {"model": self.served_model, "max_tokens": request.max_new_tokens,
+                   "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+                   "seed": sampling.seed, "repeat_penalty": 1.0, "repetition_penalty": 1.0, "return_token_ids": True,
+                   "prompt": request.context if as_ids else self.handle.tokenizer.decode(request.context)}
+        if self.logit_bias:
+            payload["logit_bias"] = self.logit_bias
+        return payload
 
     def _complete(self, request: GenerationRequest) -> GenerationResult:
         started = time.perf_counter()

@@ -7,9 +7,9 @@ Evaluation (`trajalign.reset_token`, applied by every evaluation of a model whos
 precedes the last reset is hidden from the user, a reset within the judge window counts as a refusal (a recovery on
 harmful contexts; on benign prompts a false reset, the method's over-refusal), and the judges read the
 continuation after its last reset, so a model that resets and then complies is still caught. A logit bias on the
-reset token tunes false resets against recoveries: add `bias_reset_logits` to the hf backend's next-token logits,
-or send {str(reset_id): bias} as `logit_bias` to an OpenAI-compatible server; the bias belongs in the evaluation
-config and its records.
+reset token tunes false resets against recoveries: `EvalConfig.reset_logit_bias` (`trajalign eval
+--reset-logit-bias`), added to the reset token's logit at every step by the hf backend and sent as `logit_bias` to
+an OpenAI-compatible server.
 """
 
 from __future__ import annotations
@@ -79,10 +79,3 @@ class Backtracking(Objective):
 
     def lora_options(self, model) -> dict:
         return {"trainable_token_indices": [self.reset_id]}
-
-
-def bias_reset_logits(logits, reset_id: int, bias: float):
-    """Next-token logits ([..., vocab]) with `bias` added to the reset token's: below 0 fewer resets."""
-    biased = logits.clone()
-    biased[..., reset_id] += bias
-    return biased
