@@ -18,6 +18,7 @@ import argparse
 from pathlib import Path
 
 from trajalign.attacks import Prefill
+from trajalign.data.datasets import write_behaviors
 from trajalign.data.trajectories import load_trajectories
 from trajalign.evaluate import EvalConfig, Evaluation, run_together
 from trajalign.models import load_model
@@ -43,15 +44,19 @@ def share(count: int, n: int) -> str:
     return f"{100 * count / n:.0f}% [{100 * low:.0f}, {100 * high:.0f}]" if n else "-"
 
 
-def evaluations(model: str, handle, bias: float, harmful, benign, trajectories, preset, out: Path) -> dict:
+def evaluations(model: str, handle, bias: float, harmful, benign, trajectories, args, preset, out: Path) -> dict:
+    """Each evaluation with its behaviors written into its run directory, so that its config.yaml re-runs it."""
     common = dict(model=model, trajectory_tokens=preset.trajectory_tokens, max_new_tokens=CONTINUATION_TOKENS,
                   batch_size=GENERATION_BATCH_SIZE, reset_logit_bias=bias)
-    runs = {"harmful": Evaluation(EvalConfig(attack=Prefill(depths=preset.depths), out=out / "harmful", **common),
-                                  handle=handle, trajectories=trajectories, behaviors=harmful)}
-    for name, behaviors in benign.items():
-        runs[name] = Evaluation(EvalConfig(attack=Prefill(depths=[0]), out=out / name, **common), handle=handle,
-                                behaviors=behaviors)
-    return runs
+
+    def evaluation(name: str, behaviors, depths: list[int], given: dict | None = None) -> Evaluation:
+        dataset = write_behaviors(out / name / "behaviors.jsonl", behaviors)
+        config = EvalConfig(dataset=str(dataset), trajectories=args.trajectories, attack=Prefill(depths=depths),
+                            out=out / name, **common)
+        return Evaluation(config, handle=handle, behaviors=behaviors, trajectories=given)
+
+    runs = {"harmful": evaluation("harmful", harmful, preset.depths, trajectories)}
+    return runs | {name: evaluation(name, behaviors, [0]) for name, behaviors in benign.items()}
 
 
 def measured(runs: dict) -> dict[str, tuple[int, int, int]]:
@@ -78,7 +83,8 @@ def main(argv: list[str] | None = None) -> dict[float, dict[str, tuple[int, int,
                                      GENERATION_BATCH_SIZE, cache_dir=args.out / "cache")
     results = {}
     for bias in biases:
-        runs = evaluations(args.model, handle, bias, harmful, benign, trajectories, preset, args.out / f"bias{bias:+g}")
+        runs = evaluations(args.model, handle, bias, harmful, benign, trajectories, args, preset,
+                           args.out / f"bias{bias:+g}")
         run_together(list(runs.values()))
         results[bias] = measured(runs)
         print(f"bias {bias:+g} done", flush=True)

@@ -86,34 +86,63 @@ def test_evaluation_judges_what_follows_a_reset_and_counts_the_reset_as_refused(
     assert not plain.reset and not plain.refused
 
 
-@pytest.mark.parametrize("bias", [100.0, -100.0])
-def test_the_reset_logit_bias_of_an_evaluation_makes_or_stops_every_reset(tmp_path, bias):
-    from trajalign.attacks import Prefill
-    from trajalign.evaluate import EvalConfig, Evaluation
-    from trajalign.runs import EpisodeLog
-
+def reset_handle():
+    """A tiny model whose tokenizer has the reset token and whose embeddings have its row."""
     handle = tiny_handle()
     reset = add_reset_token(handle.tokenizer, "[RESET]")
     handle.model.resize_token_embeddings(len(handle.tokenizer))
-    config = EvalConfig(model="tiny", dataset="advbench", limit=3, trajectories="target", attack=Prefill(depths=[0, 2]),
-                        max_new_tokens=6, reset_logit_bias=bias, out=tmp_path / "run")
+    return handle, reset
+
+
+def reset_bias_config(out, bias: float):
+    from trajalign.attacks import Prefill
+    from trajalign.evaluate import EvalConfig
+
+    return EvalConfig(model="tiny", dataset="advbench", limit=3, trajectories="target", attack=Prefill(depths=[0, 2]),
+                      max_new_tokens=6, reset_logit_bias=bias, out=out)
+
+
+def test_the_reset_logit_bias_of_an_evaluation_reaches_every_step(tmp_path):
+    from trajalign.evaluate import Evaluation
+    from trajalign.runs import EpisodeLog
+
+    handle, reset = reset_handle()
+    config = reset_bias_config(tmp_path / "run", 100.0)
     Evaluation(config, handle=handle).run()
     episodes = EpisodeLog(config.out).load()
     assert len(episodes) == 6
-    if bias > 0:
-        assert all(e.continuation_ids == [reset] * 6 and e.reset and e.refused for e in episodes)
-    else:
-        assert all(reset not in e.continuation_ids and not e.reset for e in episodes)
+    assert all(e.continuation_ids == [reset] * 6 and e.reset and e.refused for e in episodes)
+    assert "reset_logit_bias: 100.0" in (config.out / "config.yaml").read_text()
+
+
+def test_evaluations_at_other_reset_biases_are_decoded_apart_when_run_together(tmp_path):
+    from trajalign.evaluate import Evaluation, run_together
+    from trajalign.runs import EpisodeLog
+
+    handle, reset = reset_handle()
+    biases = {"up": 100.0, "down": -100.0, "none": 0.0}
+    run_together([Evaluation(reset_bias_config(tmp_path / name, bias), handle=handle)
+                  for name, bias in biases.items()])
+    resets = {name: [e.reset for e in EpisodeLog(tmp_path / name).load()] for name in biases}
+    assert resets["up"] == [True] * 6
+    assert resets["down"] == resets["none"] == [False] * 6
+
+
+def test_a_config_without_a_reset_bias_reads_as_one_written_before_the_field_existed(tmp_path):
+    from trajalign.evaluate import Evaluation
+
+    config = reset_bias_config(tmp_path / "run", 0.0)
+    Evaluation(config, handle=tiny_handle()).run()
+    assert "reset_logit_bias" not in (config.out / "config.yaml").read_text()  # so that old directories resume
 
 
 def test_a_reset_logit_bias_for_a_model_without_the_reset_token_is_refused_before_anything_is_written(tmp_path):
     from trajalign.evaluate import EvalConfig, Evaluation
-    from trajalign.testing import tiny_handle as plain_handle
 
     config = EvalConfig(model="tiny", dataset="advbench", limit=2, trajectories="target", reset_logit_bias=-2.0,
                         out=tmp_path / "run")
     with pytest.raises(InputError, match="reset_logit_bias: model 'tiny' has no \\[RESET\\] token"):
-        Evaluation(config, handle=plain_handle()).run()
+        Evaluation(config, handle=tiny_handle()).run()
     assert not config.out.exists()
 
 

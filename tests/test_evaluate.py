@@ -122,6 +122,12 @@ def test_evaluations_run_together_log_what_each_logs_alone_in_fewer_steps(tiny, 
     assert steps_together < steps_alone
 
 
+def test_evaluations_run_together_need_their_own_directories(tiny, tmp_path):
+    config = together_configs(tmp_path, "shared")[0]
+    with pytest.raises(InputError, match="their own run directories; shared: .*shared-sweep"):
+        run_together([Evaluation(config, handle=tiny), Evaluation(config, handle=tiny)])
+
+
 def test_killed_joint_run_resumes_each_evaluation_without_loss(tiny, tmp_path, monkeypatch):
     from trajalign.backends.hf import HFBackend
 

@@ -23,7 +23,8 @@ def test_the_reset_bias_sweep_moves_resets_on_every_validation_set(tmp_path, cap
                            "--trajectories", "target", "--out", str(tmp_path / "sweep")])
     assert sorted(results) == [-100.0, 0.0, 100.0]
     assert all(resets == refused == n > 0 for resets, refused, n in results[100.0].values())
-    assert all(resets == 0 and n > 0 for resets, _, n in results[-100.0].values())
     assert {"harmful", "xstest-safe", "jbb-benign", "self-instruct-user", "coconot-contrast"} <= set(results[0.0])
     printed = capsys.readouterr().out
-    assert "| +100 | 100% [" in printed and "| -100 | 0% [" in printed
+    assert "| +100 | 100% [" in printed and "| -100 |" in printed and "| +0 |" in printed
+    saved = (tmp_path / "sweep" / "bias+100" / "xstest-safe" / "config.yaml").read_text()
+    assert "behaviors.jsonl" in saved and "reset_logit_bias: 100.0" in saved  # its config re-runs it

@@ -10,15 +10,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from trajalign.attacks import Attack, BasePosition, PlannedEpisode, PlanningContext, Prefill, ReinjectHeader
 from trajalign.backends import backend_class, make_backend
-from trajalign.backends.base import GenerationResult
+from trajalign.backends.base import Backend, GenerationResult
 from trajalign.data.datasets import Behavior, ColumnMap, load_behaviors
 from trajalign.data.trajectories import Trajectory, load_trajectories
 from trajalign.errors import InputError
 from trajalign.judges import KeywordJudge, episode_judge_input, make_judge
+from trajalign.memory import release_memory
 from trajalign.models.loading import ModelSpec, TokenizerHandle, load_model
 from trajalign.models.registry import DEFAULT_MODEL
 from trajalign.records import Episode
@@ -83,6 +84,14 @@ class EvalConfig(ModelSpec):
     batch_size: int = Field(default=16, gt=0)
     out: Path = Path("runs/eval")
 
+    @model_serializer(mode="wrap")
+    def _zero_reset_bias_left_out(self, serialize):
+        # run directories written before the field existed hold no key for it; at 0 they are what it asks for
+        data = serialize(self)
+        if not self.reset_logit_bias:
+            data.pop("reset_logit_bias", None)
+        return data
+
 
 def episode_key(model: str, behavior_id: str, attack: BaseModel, defense, position: BasePosition,
                 ablation: str | None = None) -> str:
@@ -138,12 +147,15 @@ class Evaluation:
         if self.config.backend == "hf":
             options.setdefault("batch_size", self.config.batch_size)
         if self.config.reset_logit_bias:
-            reset = reset_token_id(self.handle.tokenizer)
-            if reset is None:
-                raise InputError(f"reset_logit_bias: model '{self.config.model}' has no {RESET_TOKEN} token; only "
-                                 f"a backtracking model has one")
-            options["logit_bias"] = {reset: self.config.reset_logit_bias}
+            options["logit_bias"] = options.get("logit_bias", {}) | self._reset_bias(self.handle)
         return make_backend(self.config.backend, self.handle, **options)
+
+    def _reset_bias(self, handle) -> dict[int, float]:
+        reset = reset_token_id(handle.tokenizer)
+        if reset is None:
+            raise InputError(f"reset_logit_bias: model '{self.config.model}' has no {RESET_TOKEN} token; only a "
+                             f"backtracking model has one")
+        return {reset: self.config.reset_logit_bias}
 
     def key(self, behavior: Behavior, position: BasePosition) -> str:
         return episode_key(self.config.model, behavior.id, self.config.attack, self.config.defense, position,
@@ -182,12 +194,14 @@ class Evaluation:
         self._check_window(planned)
         return PendingEvaluation(self, planned, expected, skipped, log, self._judges(), trajectories, backend)
 
-    def stream(self, derived: str | None) -> tuple:
-        """What generates this evaluation's episodes run by `derived` (None: the evaluated model): requests of
-        evaluations with the same stream are decoded together."""
+    def stream_key(self, derived: str | None) -> tuple:
+        """What decodes this evaluation's episodes that `derived` runs (None: the evaluated model): the loaded
+        model, the direction ablated and every setting the backend is built with. Requests of evaluations with the
+        same key are decoded together."""
         config = self.config
-        return (id(self.handle), derived, self._ablation_key, config.backend, json.dumps(config.backend_options),
-                config.batch_size)
+        settings = {"backend": config.backend, "options": config.backend_options, "batch_size": config.batch_size,
+                    "reset_logit_bias": config.reset_logit_bias}
+        return id(self.handle), derived, self._ablation_key, json.dumps(settings, sort_keys=True, default=str)
 
     def _ablation(self, handle):
         return self.config.ablate.hooks(handle) if self.config.ablate else nullcontext()
@@ -196,7 +210,8 @@ class Evaluation:
         """A model an attack derived from the evaluated one (e.g. fine-tuned), loaded as the evaluated one was,
         and an hf backend that runs it."""
         handle = load_model(spec, dtype=self.config.dtype, device=self.config.device)
-        return handle, make_backend("hf", handle, batch_size=self.config.batch_size)
+        bias = self._reset_bias(handle) if self.config.reset_logit_bias else None
+        return handle, make_backend("hf", handle, batch_size=self.config.batch_size, logit_bias=bias)
 
     def _columns(self) -> ColumnMap:
         """`column:NAME` trajectories read NAME as each behavior's reference answer."""
@@ -260,7 +275,7 @@ class PendingEvaluation:
     log: EpisodeLog
     judges: list
     trajectories: dict[str, Trajectory]
-    backend: object
+    backend: Backend
 
     def record(self, pairs: list[tuple[PlannedEpisode, GenerationResult]]) -> None:
         episodes = [self.evaluation._episode(planned, result, self.trajectories) for planned, result in pairs]
@@ -273,11 +288,19 @@ class PendingEvaluation:
 
 
 def run_together(evaluations: list[Evaluation], progress: Callable[[int, int], None] | None = None) -> list[dict]:
-    """Run evaluations with their requests merged into one generation stream per model: a few small evaluations
-    then fill the decoding batch together instead of each decoding a narrow one (a step of 64 rows costs about
-    1.7 steps of 16) and draining it alone. Each evaluation keeps its own run directory, log, judges and summary;
-    its results are logged as they arrive, so a killed run resumes as a lone one does."""
-    pendings = [evaluation.plan() for evaluation in evaluations]
+    """Run evaluations with their requests merged into one generation stream per loaded model and backend setting
+    (`Evaluation.stream_key`): a few small evaluations then fill the decoding batch together instead of each
+    decoding a narrow one (a step of 64 rows costs about 1.7 steps of 16) and draining it alone. Evaluations merge
+    only when they share one handle, as a study's evaluations of a model do. Each keeps its own run directory, log,
+    judges and summary; its results are logged as they arrive, so a killed run resumes as a lone one does."""
+    directories = [evaluation.config.out for evaluation in evaluations]
+    if len(set(directories)) < len(directories):
+        shared = sorted({str(d) for d in directories if directories.count(d) > 1})
+        raise InputError(f"evaluations run together need their own run directories; shared: {', '.join(shared)}")
+    pendings = []
+    for evaluation in evaluations:
+        pendings.append(evaluation.plan())
+        release_memory()  # what an attack's planning left (a fine-tuning attack's training), before the next's
     total = sum(len(pending.expected) for pending in pendings)
     finished = total - sum(len(pending.planned) for pending in pendings)
     if progress:
@@ -285,26 +308,34 @@ def run_together(evaluations: list[Evaluation], progress: Callable[[int, int], N
     streams: dict[tuple, list[tuple[PendingEvaluation, PlannedEpisode]]] = {}
     for pending in pendings:
         for planned in pending.planned:
-            streams.setdefault(pending.evaluation.stream(planned.model), []).append((pending, planned))
+            streams.setdefault(pending.evaluation.stream_key(planned.model), []).append((pending, planned))
     for members in streams.values():
-        first, derived = members[0][0].evaluation, members[0][1].model
-        runner_handle, runner = (first.handle, members[0][0].backend) if derived is None else first._derived(derived)
-        # keys prefixed with their place in the stream: two evaluations may plan the same episode key
-        requests = [replace(planned.request, key=f"{index}:{planned.key}")
-                    for index, (_, planned) in enumerate(members)]
-        owners = dict(zip((request.key for request in requests), members))
-        with first._ablation(runner_handle):
-            for results in runner.generate(requests):
-                by_pending: dict[int, tuple[PendingEvaluation, list]] = {}
-                for result in results:
-                    pending, planned = owners[result.key]
-                    by_pending.setdefault(id(pending), (pending, []))[1].append((planned, result))
-                for pending, pairs in by_pending.values():
-                    pending.record(pairs)
-                finished += len(results)
-                if progress:
-                    progress(finished, total)
+        _run_stream(members, progress, finished, total)
+        finished += len(members)
     return [pending.finish() for pending in pendings]
+
+
+def _run_stream(members: list[tuple[PendingEvaluation, PlannedEpisode]], progress, finished: int,
+                total: int) -> None:
+    """Decode one stream's requests, each result logged by the evaluation that planned it."""
+    first, derived = members[0][0].evaluation, members[0][1].model
+    runner_handle, runner = (first.handle, members[0][0].backend) if derived is None else first._derived(derived)
+    # keys prefixed with their place in the stream: two evaluations may plan the same episode key
+    requests = [replace(planned.request, key=f"{index}:{planned.key}") for index, (_, planned) in enumerate(members)]
+    owners = dict(zip((request.key for request in requests), members))
+    with first._ablation(runner_handle):
+        for results in runner.generate(requests):
+            by_pending: dict[int, tuple[PendingEvaluation, list]] = {}
+            for result in results:
+                pending, planned = owners[result.key]
+                by_pending.setdefault(id(pending), (pending, []))[1].append((planned, result))
+            for pending, pairs in by_pending.values():
+                pending.record(pairs)
+            finished += len(results)
+            if progress:
+                progress(finished, total)
+    del runner_handle, runner
+    release_memory()  # a fine-tuned model's weights and the stream's KV caches, before the next stream's
 
 
 def run_eval(config: EvalConfig, handle: TokenizerHandle | None = None, progress=None) -> dict:

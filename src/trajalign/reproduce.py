@@ -16,12 +16,9 @@ human reference answers against the original's). `trajalign.headline` puts them 
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
 import random
 import re
-import sys
 import time
 from contextlib import contextmanager
 from itertools import zip_longest
@@ -38,6 +35,7 @@ from trajalign.data.trajectories import Trajectory, load_trajectories
 from trajalign.errors import InputError
 from trajalign.evaluate import AblationConfig, EvalConfig, Evaluation, JudgeConfig, run_together
 from trajalign.headline import BENIGN_INSERT, BENIGN_SWEEP, HARMFUL_INSERT, HARMFUL_SWEEP, from_summary, markdown
+from trajalign.memory import release_memory
 from trajalign.models.loading import load_model
 from trajalign.models.registry import DEFAULT_MODEL
 from trajalign.probe.run import ProbeConfig, run_probe
@@ -188,17 +186,6 @@ def without_advbench(behaviors: list[Behavior]) -> list[Behavior]:
     behaviors are AdvBench's, and none of them may be trained on."""
     advbench = {_normalized(behavior.prompt) for behavior in load_behaviors("advbench")}
     return [behavior for behavior in behaviors if _normalized(behavior.prompt) not in advbench]
-
-
-def release_memory() -> None:
-    """Collect what is unreachable and give the freed heap back to the system: glibc keeps it otherwise (after a
-    training, about 1.7 GB of it), so each later stage would start that much higher."""
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass
 
 
 def _shuffled_advbench(seed: int) -> list[Behavior]:
@@ -441,23 +428,27 @@ class Reproduction:
 
     def evaluate(self, role: str, test, trajectories, over_refusal, controls: list[Behavior],
                  benign_answers: dict[str, Trajectory], benign_spans: dict[str, Trajectory], progress=None) -> dict:
-        """The harmful attacks on the test behaviors, the harmless sources and the benign controls: one stream."""
-        return self.run_evaluations(self.test_evaluations(role, test, trajectories, over_refusal)
+        """The harmful attacks on the test behaviors and the benign controls, decoded as one stream; then the
+        harmless sources, whose helpfulness judge loads a scorer model for them alone."""
+        rows = self.run_evaluations(self.harmful_evaluations(role, test, trajectories)
                                     | self.benign_control_evaluations(role, controls, benign_answers, benign_spans),
                                     progress)
+        return rows | self.run_evaluations(self.over_refusal_evaluations(role, over_refusal), progress)
 
-    def test_evaluations(self, role: str, test, trajectories, over_refusal) -> dict[str, Evaluation]:
-        preset = self.preset
+    def harmful_evaluations(self, role: str, test, trajectories) -> dict[str, Evaluation]:
         evaluations = {
-            HARMFUL_SWEEP: self._evaluation(role, HARMFUL_SWEEP, Prefill(depths=preset.depths), test, trajectories),
+            HARMFUL_SWEEP: self._evaluation(role, HARMFUL_SWEEP, Prefill(depths=self.preset.depths), test,
+                                            trajectories),
             HARMFUL_INSERT: self._evaluation(role, HARMFUL_INSERT, self._insertion(), test, trajectories)}
-        # keyword first (its verdict is `refused`), then the pmi judge's "attempts the task" on the same answers
-        helpfulness = [JudgeConfig(name="keyword"), JudgeConfig(name="pmi")]
-        for name, behaviors in over_refusal.items():
-            evaluations[name] = self._evaluation(role, name, Prefill(depths=[0]), behaviors, None, judges=helpfulness)
-        if preset.decoding:
+        if self.preset.decoding:
             evaluations["decoding"] = self._evaluation(role, "decoding", Decoding(samples=1), test, None)
         return evaluations
+
+    def over_refusal_evaluations(self, role: str, over_refusal: dict[str, list[Behavior]]) -> dict[str, Evaluation]:
+        # keyword first (its verdict is `refused`), then the pmi judge's "attempts the task" on the same answers
+        helpfulness = [JudgeConfig(name="keyword"), JudgeConfig(name="pmi")]
+        return {name: self._evaluation(role, name, Prefill(depths=[0]), behaviors, None, judges=helpfulness)
+                for name, behaviors in over_refusal.items()}
 
     def _insertion(self) -> Insert:
         return Insert(after=[self.preset.insert_after], span_lengths=[self.preset.insert_length])

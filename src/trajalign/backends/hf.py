@@ -261,9 +261,11 @@ class HFBackend:
         self.max_batch_tokens = max_batch_tokens
         self.logit_bias = {int(token): float(bias) for token, bias in (logit_bias or {}).items()}
         vocabulary = self.model.get_output_embeddings().weight.shape[0] if self.logit_bias else 0
-        if any(not 0 <= token < vocabulary for token in self.logit_bias):
-            raise InputError(f"logit_bias: token ids {sorted(self.logit_bias)} must be within the model's "
-                             f"vocabulary of {vocabulary}")
+        outside = sorted(token for token in self.logit_bias if not 0 <= token < vocabulary)
+        if outside:
+            raise InputError(f"logit_bias: token ids {outside} are outside the model's vocabulary of {vocabulary}")
+        if self.logit_bias:  # what produced the tokens, for the answer caches
+            self.identity = f"hf logit_bias {sorted(self.logit_bias.items())}"
         self.drafter = drafter or (LookupDrafter(draft_tokens, draft_cost) if draft_tokens else NoDrafter())
         if kv_cache.has_sliding_window_layers(self.config):
             raise TrajalignError("the hf backend's KV reuse does not support sliding-window attention layers")

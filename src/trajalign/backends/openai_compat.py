@@ -38,9 +38,9 @@ class OpenAICompatBackend:
                                  retries=retries)
         self.concurrency = concurrency
         self.send_token_ids = token_ids  # None: find out from the server on the first request
-        self.identity = f"openai {base_url} {served_model}"
         self.stop_ids = set(handle.chat.end_of_turn_ids)
         self.logit_bias = {str(token): float(bias) for token, bias in (logit_bias or {}).items()}
+        self.identity = f"openai {base_url} {served_model}" + (f" logit_bias {self.logit_bias}" if logit_bias else "")
 
     @staticmethod
     def order(requests: list[GenerationRequest]) -> list[GenerationRequest]:
