@@ -262,7 +262,8 @@ def main() -> None:
             with run.stage(f"train {role}") as progress:
                 run.train(role, train, anchors, trajectories, progress)
         with run.stage(f"validate {role}") as progress:
-            results = run.evaluate(role, harmful, trajectories, benign, controls, answers, spans, progress)
+            results = run.evaluate(role, harmful, trajectories, benign, progress)
+            results |= run.evaluate_benign_controls(role, controls, answers, spans, progress)
             utility = run.utility(role, utility_sets, progress)
         settings = {"training": training.model_dump(mode="json"), **changes} if role != "original" else {}
         (args.out / "settings" / f"{role}.json").write_text(json.dumps(

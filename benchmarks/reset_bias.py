@@ -20,7 +20,7 @@ from pathlib import Path
 from trajalign.attacks import Prefill
 from trajalign.data.datasets import write_behaviors
 from trajalign.data.trajectories import load_trajectories
-from trajalign.evaluate import EvalConfig, Evaluation, run_together
+from trajalign.evaluate import EvalConfig, Evaluation
 from trajalign.models import load_model
 from trajalign.models.registry import DEFAULT_MODEL
 from trajalign.reproduce import CONTINUATION_TOKENS, GENERATION_BATCH_SIZE, PRESETS, validation_sets
@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> dict[float, dict[str, tuple[int, int,
     for bias in biases:
         runs = evaluations(args.model, handle, bias, harmful, benign, trajectories, args, preset,
                            args.out / f"bias{bias:+g}")
-        run_together(list(runs.values()))
+        for evaluation in runs.values():
+            evaluation.run()
         results[bias] = measured(runs)
         print(f"bias {bias:+g} done", flush=True)
     depths = sorted(key for key in results[0.0] if key.startswith("harmful@"))

@@ -115,19 +115,6 @@ def test_the_reset_logit_bias_of_an_evaluation_reaches_every_step(tmp_path):
     assert "reset_logit_bias: 100.0" in (config.out / "config.yaml").read_text()
 
 
-def test_evaluations_at_other_reset_biases_are_decoded_apart_when_run_together(tmp_path):
-    from trajalign.evaluate import Evaluation, run_together
-    from trajalign.runs import EpisodeLog
-
-    handle, reset = reset_handle()
-    biases = {"up": 100.0, "down": -100.0, "none": 0.0}
-    run_together([Evaluation(reset_bias_config(tmp_path / name, bias), handle=handle)
-                  for name, bias in biases.items()])
-    resets = {name: [e.reset for e in EpisodeLog(tmp_path / name).load()] for name in biases}
-    assert resets["up"] == [True] * 6
-    assert resets["down"] == resets["none"] == [False] * 6
-
-
 def test_a_config_without_a_reset_bias_reads_as_one_written_before_the_field_existed(tmp_path):
     from trajalign.evaluate import Evaluation
 

@@ -6,7 +6,7 @@ from trajalign.attacks import Decoding, Insert, MultiInsert, Prefill, ReinjectHe
 from trajalign.data.datasets import load_behaviors
 from trajalign.data.trajectories import load_trajectories
 from trajalign.errors import InputError
-from trajalign.evaluate import EvalConfig, Evaluation, run_together
+from trajalign.evaluate import EvalConfig, Evaluation
 from trajalign.runs import EpisodeLog
 
 
@@ -88,72 +88,6 @@ def test_decoding_draws_do_not_depend_on_the_model_spec(tiny, tmp_path):
         Evaluation(config, handle=tiny).run()
         outcomes.append({(e.behavior_id, e.position.label, e.sample): e.continuation_ids for e in episodes(config)})
     assert outcomes[0] == outcomes[1] and len(outcomes[0]) == 6
-
-
-def together_configs(tmp_path, prefix, second=Insert(after=[2], span_lengths=[3]), batch_size=16):
-    """Three small evaluations of one model: a sweep, a second attack, and the sweep again in another directory (the
-    same episode keys twice). No drafts: every decode step then feeds one token per row."""
-    fields = dict(model="tiny", dataset="advbench", limit=3, trajectories="target", max_new_tokens=6,
-                  batch_size=batch_size, backend_options={"draft_tokens": 0})
-    return [EvalConfig(attack=Prefill(depths=[0, 2]), out=tmp_path / f"{prefix}-sweep", **fields),
-            EvalConfig(attack=second, out=tmp_path / f"{prefix}-second", **fields),
-            EvalConfig(attack=Prefill(depths=[0, 2]), out=tmp_path / f"{prefix}-sweep-again", **fields)]
-
-
-def count_forward_calls(model):
-    calls = []
-    return calls, model.register_forward_pre_hook(lambda module, args: calls.append(1))
-
-
-def test_evaluations_run_together_log_what_each_logs_alone_in_fewer_steps(tiny, tmp_path):
-    calls, hook = count_forward_calls(tiny.model)
-    try:
-        alone = [Evaluation(config, handle=tiny).run() for config in together_configs(tmp_path, "alone")]
-        steps_alone, calls[:] = len(calls), []
-        together = run_together([Evaluation(config, handle=tiny) for config in together_configs(tmp_path, "both")])
-        steps_together = len(calls)
-    finally:
-        hook.remove()
-    assert together == alone
-    for lone, joint in zip(together_configs(tmp_path, "alone"), together_configs(tmp_path, "both")):
-        assert {e.episode_id: (e.context_ids, e.continuation_ids, e.verdicts) for e in episodes(joint)} == \
-            {e.episode_id: (e.context_ids, e.continuation_ids, e.verdicts) for e in episodes(lone)}
-        assert len(episodes(joint)) == len(episodes(lone)) > 0
-    assert steps_together < steps_alone
-
-
-def test_evaluations_run_together_need_their_own_directories(tiny, tmp_path):
-    config = together_configs(tmp_path, "shared")[0]
-    with pytest.raises(InputError, match="their own run directories; shared: .*shared-sweep"):
-        run_together([Evaluation(config, handle=tiny), Evaluation(config, handle=tiny)])
-
-
-def test_killed_joint_run_resumes_each_evaluation_without_loss(tiny, tmp_path, monkeypatch):
-    from trajalign.backends.hf import HFBackend
-
-    def configs(prefix):  # prefill only: no attack generates while it plans, so the kill falls in the joint stream
-        return together_configs(tmp_path, prefix, second=Prefill(depths=[1, 3]), batch_size=4)
-
-    whole = run_together([Evaluation(config, handle=tiny) for config in configs("whole")])
-    original = HFBackend.generate
-
-    def dying_generate(self, requests):
-        yield next(original(self, requests))
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(HFBackend, "generate", dying_generate)
-    with pytest.raises(KeyboardInterrupt):
-        run_together([Evaluation(config, handle=tiny) for config in configs("killed")])
-    logged = [len(episodes(config)) for config in configs("killed")]
-    assert 0 < sum(logged) < sum(len(episodes(config)) for config in configs("whole"))
-    monkeypatch.setattr(HFBackend, "generate", original)
-    resumed = run_together([Evaluation(config, handle=tiny) for config in configs("killed")])
-    assert resumed == whole
-    for killed, config in zip(configs("killed"), configs("whole")):
-        ids = [e.episode_id for e in episodes(killed)]
-        assert len(ids) == len(set(ids))
-        assert {e.episode_id: e.continuation_ids for e in episodes(killed)} == \
-            {e.episode_id: e.continuation_ids for e in episodes(config)}
 
 
 def test_killed_run_resumes_without_loss_or_duplicates(tiny, tmp_path, monkeypatch):

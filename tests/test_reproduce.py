@@ -159,9 +159,8 @@ def test_each_evaluation_reruns_from_its_saved_config(cli, tmp_path, monkeypatch
     monkeypatch.setattr(Reproduction, "model_spec", lambda self, role: str(directory))
     monkeypatch.chdir(tmp_path)
     behaviors = load_behaviors("jbb-benign", limit=2) + load_behaviors("self-instruct-user", limit=2)
-    run = Reproduction("quick", tmp_path / "study")
-    run.run_evaluations({"everyday-benign": run._evaluation("original", "everyday-benign", Prefill(depths=[0]),
-                                                            behaviors, None)})
+    Reproduction("quick", tmp_path / "study")._eval("original", "everyday-benign", Prefill(depths=[0]), behaviors,
+                                                    None)
     saved = tmp_path / "study" / "evals" / "original" / "everyday-benign"
     code, _, err = cli("eval", "--config", saved / "config.yaml", "--out", tmp_path / "rerun")
     assert code == 0, err
@@ -191,7 +190,7 @@ def test_benign_controls_are_token_exact(tmp_path, monkeypatch):
                for i, b in enumerate(behaviors)}
     donors = behaviors[1:] + behaviors[:1]
     spans = {b.id: answers[donor.id].model_copy(update={"behavior_id": b.id}) for b, donor in zip(behaviors, donors)}
-    rows = run.run_evaluations(run.benign_control_evaluations("original", behaviors, answers, spans))
+    rows = run.evaluate_benign_controls("original", behaviors, answers, spans)
     assert [row["depth"] for row in rows["benign-prefill"]] == [d for d in preset.depths if d > 0]
     prompts = {b.id: handle.chat.prompt_ids(b.prompt) for b in behaviors}
     swept = EpisodeLog(tmp_path / "study" / "evals" / "original" / "benign-prefill").load()

@@ -6,7 +6,7 @@ import hashlib
 import json
 import sys
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from itertools import groupby
 from pathlib import Path
 from typing import Callable
 
@@ -14,12 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from trajalign.attacks import Attack, BasePosition, PlannedEpisode, PlanningContext, Prefill, ReinjectHeader
 from trajalign.backends import backend_class, make_backend
-from trajalign.backends.base import Backend, GenerationResult
+from trajalign.backends.base import GenerationResult
 from trajalign.data.datasets import Behavior, ColumnMap, load_behaviors
 from trajalign.data.trajectories import Trajectory, load_trajectories
 from trajalign.errors import InputError
 from trajalign.judges import KeywordJudge, episode_judge_input, make_judge
-from trajalign.memory import release_memory
 from trajalign.models.loading import ModelSpec, TokenizerHandle, load_model
 from trajalign.models.registry import DEFAULT_MODEL
 from trajalign.records import Episode
@@ -162,10 +161,6 @@ class Evaluation:
                            self._ablation_key)
 
     def run(self, progress: Callable[[int, int], None] | None = None) -> dict:
-        return run_together([self], progress)[0]
-
-    def plan(self) -> PendingEvaluation:
-        """Write the run directory's config and pins, and plan every episode its log does not hold yet."""
         config, attack = self.config, self.config.attack
         behaviors = self._behaviors or load_behaviors(config.dataset, self._columns(), config.limit)
         handle = self.handle  # a bad model spec fails here, before anything is written
@@ -178,7 +173,7 @@ class Evaluation:
         pin_in_manifest(config.out, "trajectories_sha256", trajectories_sha256(behaviors, trajectories),
                         "trajectories")
         pairs = [(behavior, trajectories[behavior.id]) for behavior in behaviors]
-        expected = {self.key(b, position) for b, t in pairs for position in attack.positions(b, t)}
+        expected = {self.key(b, position): b for b, t in pairs for position in attack.positions(b, t)}
         attack.check([trajectory for _, trajectory in pairs])
         skipped = sum(len(attack.grid(b)) - len(attack.positions(b, t)) for b, t in pairs)
         if skipped:
@@ -192,16 +187,23 @@ class Evaluation:
             planned = [episode for episode in attack.plan(pending, context) if episode.key not in done] \
                 if pending else []
         self._check_window(planned)
-        return PendingEvaluation(self, planned, expected, skipped, log, self._judges(), trajectories, backend)
-
-    def stream_key(self, derived: str | None) -> tuple:
-        """What decodes this evaluation's episodes that `derived` runs (None: the evaluated model): the loaded
-        model, the direction ablated and every setting the backend is built with. Requests of evaluations with the
-        same key are decoded together."""
-        config = self.config
-        settings = {"backend": config.backend, "options": config.backend_options, "batch_size": config.batch_size,
-                    "reset_logit_bias": config.reset_logit_bias}
-        return id(self.handle), derived, self._ablation_key, json.dumps(settings, sort_keys=True, default=str)
+        by_key = {episode.key: episode for episode in planned}
+        judges = self._judges()
+        finished = len(expected) - len(planned)
+        if progress:
+            progress(finished, len(expected))
+        for derived, group in groupby(sorted(planned, key=lambda e: e.model or ""), key=lambda e: e.model):
+            runner_handle, runner = (handle, backend) if derived is None else self._derived(derived)
+            with self._ablation(runner_handle):
+                for results in runner.generate([episode.request for episode in group]):
+                    episodes = [self._episode(by_key[result.key], result, trajectories) for result in results]
+                    self._judge(episodes, judges)
+                    log.append(episodes)
+                    finished += len(episodes)
+                    if progress:
+                        progress(finished, len(expected))
+        episodes = [episode for episode in log.load() if episode.episode_id in expected]
+        return write_summary(config.out, episodes, {"skipped_short_trajectory": skipped})
 
     def _ablation(self, handle):
         return self.config.ablate.hooks(handle) if self.config.ablate else nullcontext()
@@ -262,80 +264,6 @@ class Evaluation:
         for episode in episodes:
             episode.reset = reset_view(episode.continuation_ids, reset_id, self.config.judge_window).reset_in_window
             episode.refused = episode.reset or episode.verdicts[primary].refused_continuation
-
-
-@dataclass
-class PendingEvaluation:
-    """An evaluation's planned episodes, and where their results go: its log, judged by its judges."""
-
-    evaluation: Evaluation
-    planned: list[PlannedEpisode]
-    expected: set[str]
-    skipped: int
-    log: EpisodeLog
-    judges: list
-    trajectories: dict[str, Trajectory]
-    backend: Backend
-
-    def record(self, pairs: list[tuple[PlannedEpisode, GenerationResult]]) -> None:
-        episodes = [self.evaluation._episode(planned, result, self.trajectories) for planned, result in pairs]
-        self.evaluation._judge(episodes, self.judges)
-        self.log.append(episodes)
-
-    def finish(self) -> dict:
-        episodes = [episode for episode in self.log.load() if episode.episode_id in self.expected]
-        return write_summary(self.evaluation.config.out, episodes, {"skipped_short_trajectory": self.skipped})
-
-
-def run_together(evaluations: list[Evaluation], progress: Callable[[int, int], None] | None = None) -> list[dict]:
-    """Run evaluations with their requests merged into one generation stream per loaded model and backend setting
-    (`Evaluation.stream_key`): a few small evaluations then fill the decoding batch together instead of each
-    decoding a narrow one (a step of 64 rows costs about 1.7 steps of 16) and draining it alone. Evaluations merge
-    only when they share one handle, as a study's evaluations of a model do. Each keeps its own run directory, log,
-    judges and summary; its results are logged as they arrive, so a killed run resumes as a lone one does."""
-    directories = [evaluation.config.out for evaluation in evaluations]
-    if len(set(directories)) < len(directories):
-        shared = sorted({str(d) for d in directories if directories.count(d) > 1})
-        raise InputError(f"evaluations run together need their own run directories; shared: {', '.join(shared)}")
-    pendings = []
-    for evaluation in evaluations:
-        pendings.append(evaluation.plan())
-        release_memory()  # what an attack's planning left (a fine-tuning attack's training), before the next's
-    total = sum(len(pending.expected) for pending in pendings)
-    finished = total - sum(len(pending.planned) for pending in pendings)
-    if progress:
-        progress(finished, total)
-    streams: dict[tuple, list[tuple[PendingEvaluation, PlannedEpisode]]] = {}
-    for pending in pendings:
-        for planned in pending.planned:
-            streams.setdefault(pending.evaluation.stream_key(planned.model), []).append((pending, planned))
-    for members in streams.values():
-        _run_stream(members, progress, finished, total)
-        finished += len(members)
-    return [pending.finish() for pending in pendings]
-
-
-def _run_stream(members: list[tuple[PendingEvaluation, PlannedEpisode]], progress, finished: int,
-                total: int) -> None:
-    """Decode one stream's requests, each result logged by the evaluation that planned it."""
-    first, derived = members[0][0].evaluation, members[0][1].model
-    runner_handle, runner = (first.handle, members[0][0].backend) if derived is None else first._derived(derived)
-    # keys prefixed with their place in the stream: two evaluations may plan the same episode key
-    requests = [replace(planned.request, key=f"{index}:{planned.key}") for index, (_, planned) in enumerate(members)]
-    owners = dict(zip((request.key for request in requests), members))
-    with first._ablation(runner_handle):
-        for results in runner.generate(requests):
-            by_pending: dict[int, tuple[PendingEvaluation, list]] = {}
-            for result in results:
-                pending, planned = owners[result.key]
-                by_pending.setdefault(id(pending), (pending, []))[1].append((planned, result))
-            for pending, pairs in by_pending.values():
-                pending.record(pairs)
-            finished += len(results)
-            if progress:
-                progress(finished, total)
-    del runner_handle, runner
-    release_memory()  # a fine-tuned model's weights and the stream's KV caches, before the next stream's
 
 
 def run_eval(config: EvalConfig, handle: TokenizerHandle | None = None, progress=None) -> dict:

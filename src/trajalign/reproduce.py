@@ -16,9 +16,12 @@ human reference answers against the original's). `trajalign.headline` puts them 
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import random
 import re
+import sys
 import time
 from contextlib import contextmanager
 from itertools import zip_longest
@@ -33,9 +36,8 @@ from trajalign.console import Display, LineDisplay
 from trajalign.data.datasets import Behavior, is_benign, load_behaviors, write_behaviors
 from trajalign.data.trajectories import Trajectory, load_trajectories
 from trajalign.errors import InputError
-from trajalign.evaluate import AblationConfig, EvalConfig, Evaluation, JudgeConfig, run_together
+from trajalign.evaluate import AblationConfig, EvalConfig, Evaluation, JudgeConfig
 from trajalign.headline import BENIGN_INSERT, BENIGN_SWEEP, HARMFUL_INSERT, HARMFUL_SWEEP, from_summary, markdown
-from trajalign.memory import release_memory
 from trajalign.models.loading import load_model
 from trajalign.models.registry import DEFAULT_MODEL
 from trajalign.probe.run import ProbeConfig, run_probe
@@ -188,6 +190,17 @@ def without_advbench(behaviors: list[Behavior]) -> list[Behavior]:
     return [behavior for behavior in behaviors if _normalized(behavior.prompt) not in advbench]
 
 
+def release_memory() -> None:
+    """Collect what is unreachable and give the freed heap back to the system: glibc keeps it otherwise (after a
+    training, about 1.7 GB of it), so each later stage would start that much higher."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
 def _shuffled_advbench(seed: int) -> list[Behavior]:
     behaviors = load_behaviors("advbench")
     random.Random(seed).shuffle(behaviors)
@@ -293,8 +306,8 @@ class Reproduction:
                 with self.stage(f"train {role}") as progress:
                     self.train(role, train, anchors, trajectories, progress)
             with self.stage(f"evaluate {role}") as progress:
-                results[role] = self.evaluate(role, test, trajectories, over_refusal, controls, benign_answers,
-                                              benign_spans, progress)
+                results[role] = self.evaluate(role, test, trajectories, over_refusal, progress)
+                results[role] |= self.evaluate_benign_controls(role, controls, benign_answers, benign_spans, progress)
             with self.stage(f"utility {role}") as progress:
                 utility[role] = self.utility(role, self.utility_sets(over_refusal["self-instruct-user"]), progress)
             with self.stage(f"probe {role}") as progress:
@@ -380,9 +393,9 @@ class Reproduction:
                              f"prompt cannot be a training anchor")
         return anchors
 
-    def _evaluation(self, role: str, name: str, attack, behaviors: list[Behavior],
-                    trajectories: dict[str, Trajectory] | None, source: str = ORIGINAL_TRAJECTORIES,
-                    judges: list[JudgeConfig] | None = None, ablate: AblationConfig | None = None) -> Evaluation:
+    def _eval(self, role: str, name: str, attack, behaviors: list[Behavior],
+              trajectories: dict[str, Trajectory] | None, progress=None, source: str = ORIGINAL_TRAJECTORIES,
+              judges: list[JudgeConfig] | None = None, ablate: AblationConfig | None = None) -> list[dict]:
         """One evaluation; its behaviors are written into its run directory, so that its config.yaml re-runs it."""
         out = self.out / "evals" / role / name
         behaviors_file = write_behaviors(out / "behaviors.jsonl", behaviors)
@@ -390,16 +403,11 @@ class Reproduction:
                             trajectory_tokens=self.preset.trajectory_tokens, attack=attack,
                             max_new_tokens=CONTINUATION_TOKENS, batch_size=GENERATION_BATCH_SIZE,
                             judges=judges or [JudgeConfig()], ablate=ablate, out=out)
-        return Evaluation(config, handle=self._handle(role), trajectories=trajectories,
-                          judges=self._built(config.judges, role))
-
-    def run_evaluations(self, evaluations: dict[str, Evaluation], progress=None) -> dict[str, list[dict]]:
-        """A model's evaluations, generated together (`run_together`); their summary rows by name."""
-        summaries = run_together(list(evaluations.values()),
-                                 progress and (lambda done, total: progress(done, total, "episodes")))
-        self._scorer = None
-        release_memory()  # the freed KV caches would otherwise stay in the heap, under the next stage's peak
-        return {name: summary["rows"] for name, summary in zip(evaluations, summaries)}
+        evaluation = Evaluation(config, handle=self._handle(role), trajectories=trajectories,
+                                judges=self._built(config.judges, role))
+        rows = evaluation.run(progress and (lambda done, total: progress(done, total, f"{name} episodes")))["rows"]
+        release_memory()  # the freed KV caches would otherwise stay in the heap, under the next evaluation's peak
+        return rows
 
     def _handle(self, role: str):
         """The model of `role`, loaded once while consecutive stages use it; one model is resident at a time."""
@@ -426,41 +434,31 @@ class Reproduction:
         self._loaded = self._loaded_role = self._scorer = None
         release_memory()
 
-    def evaluate(self, role: str, test, trajectories, over_refusal, controls: list[Behavior],
-                 benign_answers: dict[str, Trajectory], benign_spans: dict[str, Trajectory], progress=None) -> dict:
-        """The harmful attacks on the test behaviors and the benign controls, decoded as one stream; then the
-        harmless sources, whose helpfulness judge loads a scorer model for them alone."""
-        rows = self.run_evaluations(self.harmful_evaluations(role, test, trajectories)
-                                    | self.benign_control_evaluations(role, controls, benign_answers, benign_spans),
-                                    progress)
-        return rows | self.run_evaluations(self.over_refusal_evaluations(role, over_refusal), progress)
-
-    def harmful_evaluations(self, role: str, test, trajectories) -> dict[str, Evaluation]:
-        evaluations = {
-            HARMFUL_SWEEP: self._evaluation(role, HARMFUL_SWEEP, Prefill(depths=self.preset.depths), test,
-                                            trajectories),
-            HARMFUL_INSERT: self._evaluation(role, HARMFUL_INSERT, self._insertion(), test, trajectories)}
-        if self.preset.decoding:
-            evaluations["decoding"] = self._evaluation(role, "decoding", Decoding(samples=1), test, None)
-        return evaluations
-
-    def over_refusal_evaluations(self, role: str, over_refusal: dict[str, list[Behavior]]) -> dict[str, Evaluation]:
+    def evaluate(self, role: str, test, trajectories, over_refusal, progress=None) -> dict:
+        preset = self.preset
+        rows = {HARMFUL_SWEEP: self._eval(role, HARMFUL_SWEEP, Prefill(depths=preset.depths), test, trajectories,
+                                          progress),
+                HARMFUL_INSERT: self._eval(role, HARMFUL_INSERT, self._insertion(), test, trajectories, progress)}
         # keyword first (its verdict is `refused`), then the pmi judge's "attempts the task" on the same answers
         helpfulness = [JudgeConfig(name="keyword"), JudgeConfig(name="pmi")]
-        return {name: self._evaluation(role, name, Prefill(depths=[0]), behaviors, None, judges=helpfulness)
-                for name, behaviors in over_refusal.items()}
+        for name, behaviors in over_refusal.items():
+            rows[name] = self._eval(role, name, Prefill(depths=[0]), behaviors, None, progress, judges=helpfulness)
+        self._scorer = None
+        if preset.decoding:
+            rows["decoding"] = self._eval(role, "decoding", Decoding(samples=1), test, None, progress)
+        return rows
 
     def _insertion(self) -> Insert:
         return Insert(after=[self.preset.insert_after], span_lengths=[self.preset.insert_length])
 
-    def benign_control_evaluations(self, role: str, controls: list[Behavior], answers: dict[str, Trajectory],
-                                   spans: dict[str, Trajectory]) -> dict[str, Evaluation]:
+    def evaluate_benign_controls(self, role: str, controls: list[Behavior], answers: dict[str, Trajectory],
+                                 spans: dict[str, Trajectory], progress=None) -> dict:
         """The harmful sweep's perturbations where the right behaviour is to carry on: the original model's own
         benign answer prefilled at the same depths, a span of another prompt's answer inserted at the same point."""
         depths = [depth for depth in self.preset.depths if depth > 0]
-        return {BENIGN_SWEEP: self._evaluation(role, BENIGN_SWEEP, Prefill(depths=depths), controls, answers),
-                BENIGN_INSERT: self._evaluation(role, BENIGN_INSERT, self._insertion(), controls, spans,
-                                                source=BENIGN_INSERT_TRAJECTORIES)}
+        return {BENIGN_SWEEP: self._eval(role, BENIGN_SWEEP, Prefill(depths=depths), controls, answers, progress),
+                BENIGN_INSERT: self._eval(role, BENIGN_INSERT, self._insertion(), controls, spans, progress,
+                                          source=BENIGN_INSERT_TRAJECTORIES)}
 
     def utility_sets(self, self_instruct: list[Behavior]) -> dict[str, list[Behavior]]:
         """The reference answers that measure utility: Dolly's evaluation part and the Self-Instruct user tasks."""
@@ -501,14 +499,14 @@ class Reproduction:
         if role != "original":
             train_file = write_behaviors(self.out / "held-out-train.jsonl", train)
             benign_sft = write_behaviors(self.out / "held-out-benign-sft.jsonl", self.benign_sft_behaviors())
-        evaluations = {}
+        rows = {}
         for name, spec in held_out_attacks(self.preset.held_out, train_file, DEFAULT_MODEL,
                                            benign_sft=benign_sft).items():
             ablate = AblationConfig(direction=self.out / "probes" / role / "direction") if spec.ablate else None
             given = trajectories if spec.trajectories == ORIGINAL_TRAJECTORIES else None
-            evaluations[name] = self._evaluation(role, f"held-out/{name}", spec.attack, test, given,
-                                                 source=spec.trajectories, ablate=ablate)
-        return self.run_evaluations(evaluations, progress)
+            rows[name] = self._eval(role, f"held-out/{name}", spec.attack, test, given, progress,
+                                    source=spec.trajectories, ablate=ablate)
+        return rows
 
     def benign_sft_behaviors(self) -> list[Behavior]:
         """What the benign fine-tuning attack trains every model on: Dolly training questions with their human
