@@ -7,7 +7,7 @@ Zhang et al. (2024) tune false resets against recoveries with a logit bias on th
 trade-off (`EvalConfig.reset_logit_bias`) where the compare preset's settings were chosen: the validation split's
 harmful behaviors, prefilled with the original model's own answers at the preset's depths, and its four harmless
 sources at depth 0 (`trajalign.reproduce.validation_sets`). Per bias it prints the share of harmful episodes that
-reset and that refuse (a reset or a keyword refusal), the lowest recovery over depths, and the false resets and
+reset and that refuse (a reset or a keyword refusal), the lowest refusal over depths, and the false resets and
 refusals of the harmless prompts, with Wilson 95% intervals; the differences against bias 0 are measured in the
 same process. Each bias's evaluations keep their run directories under --out (re-running resumes them).
 """
