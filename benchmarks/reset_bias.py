@@ -44,14 +44,15 @@ def share(count: int, n: int) -> str:
     return f"{100 * count / n:.0f}% [{100 * low:.0f}, {100 * high:.0f}]" if n else "-"
 
 
-def evaluations(model: str, handle, bias: float, harmful, benign, trajectories, args, preset, out: Path) -> dict:
+def evaluations(model: str, handle, bias: float, harmful, benign, trajectories, source: str, preset,
+                out: Path) -> dict:
     """Each evaluation with its behaviors written into its run directory, so that its config.yaml re-runs it."""
     common = dict(model=model, trajectory_tokens=preset.trajectory_tokens, max_new_tokens=CONTINUATION_TOKENS,
                   batch_size=GENERATION_BATCH_SIZE, reset_logit_bias=bias)
 
     def evaluation(name: str, behaviors, depths: list[int], given: dict | None = None) -> Evaluation:
         dataset = write_behaviors(out / name / "behaviors.jsonl", behaviors)
-        config = EvalConfig(dataset=str(dataset), trajectories=args.trajectories, attack=Prefill(depths=depths),
+        config = EvalConfig(dataset=str(dataset), trajectories=source, attack=Prefill(depths=depths),
                             out=out / name, **common)
         return Evaluation(config, handle=handle, behaviors=behaviors, trajectories=given)
 
@@ -73,6 +74,27 @@ def measured(runs: dict) -> dict[str, tuple[int, int, int]]:
     return counts
 
 
+def print_table(results: dict[float, dict[str, tuple[int, int, int]]], benign: list[str]) -> None:
+    """One row per bias, then each bias's change in resets against bias 0, in points."""
+    depths = sorted(key for key in results[0.0] if key.startswith("harmful@"))
+    print("| bias | harmful: reset | harmful: refused | lowest refused over depths | "
+          + " | ".join(f"{name}: reset / refused" for name in benign) + " |")
+    print("|---" * (4 + len(benign)) + "|")
+    for bias in results:
+        row = results[bias]
+        lowest = min(depths, key=lambda key: row[key][1] / row[key][2])
+        cells = [f"{bias:+g}", share(row["harmful"][0], row["harmful"][2]), share(row["harmful"][1], row["harmful"][2]),
+                 f"{share(row[lowest][1], row[lowest][2])} ({lowest.split('@')[1]})"]
+        cells += [f"{share(row[name][0], row[name][2])} / {share(row[name][1], row[name][2])}" for name in benign]
+        print("| " + " | ".join(cells) + " |")
+    baseline = results[0.0]
+    for bias in results:
+        if bias:
+            moved = [(results[bias][name][0] - baseline[name][0]) / baseline[name][2] for name in ["harmful", *benign]]
+            print(f"bias {bias:+g} against 0, resets in points: "
+                  + ", ".join(f"{name} {100 * change:+.0f}" for name, change in zip(["harmful", *benign], moved)))
+
+
 def main(argv: list[str] | None = None) -> dict[float, dict[str, tuple[int, int, int]]]:
     args = parser().parse_args(argv)
     preset = PRESETS[args.preset]
@@ -83,29 +105,13 @@ def main(argv: list[str] | None = None) -> dict[float, dict[str, tuple[int, int,
                                      GENERATION_BATCH_SIZE, cache_dir=args.out / "cache")
     results = {}
     for bias in biases:
-        runs = evaluations(args.model, handle, bias, harmful, benign, trajectories, args, preset,
+        runs = evaluations(args.model, handle, bias, harmful, benign, trajectories, args.trajectories, preset,
                            args.out / f"bias{bias:+g}")
         for evaluation in runs.values():
             evaluation.run()
         results[bias] = measured(runs)
         print(f"bias {bias:+g} done", flush=True)
-    depths = sorted(key for key in results[0.0] if key.startswith("harmful@"))
-    print("| bias | harmful: reset | harmful: refused | lowest refused over depths | "
-          + " | ".join(f"{name}: reset / refused" for name in benign) + " |")
-    print("|---" * (4 + len(benign)) + "|")
-    for bias in biases:
-        row = results[bias]
-        lowest = min(depths, key=lambda key: row[key][1] / row[key][2])
-        cells = [f"{bias:+g}", share(row["harmful"][0], row["harmful"][2]), share(row["harmful"][1], row["harmful"][2]),
-                 f"{share(row[lowest][1], row[lowest][2])} ({lowest.split('@')[1]})"]
-        cells += [f"{share(row[name][0], row[name][2])} / {share(row[name][1], row[name][2])}" for name in benign]
-        print("| " + " | ".join(cells) + " |")
-    baseline = results[0.0]
-    for bias in biases:
-        if bias:
-            moved = [(results[bias][name][0] - baseline[name][0]) / baseline[name][2] for name in ["harmful", *benign]]
-            print(f"bias {bias:+g} against 0, resets in points: "
-                  + ", ".join(f"{name} {100 * change:+.0f}" for name, change in zip(["harmful", *benign], moved)))
+    print_table(results, list(benign))
     return results
 
 
