@@ -196,3 +196,25 @@ def test_embedded_greedy_equals_generate(embedded):
         if produced != expected:  # a near-tie may flip under another float order; it must be one
             first = next(i for i, (a, b) in enumerate(zip(produced + [-1], expected + [-1])) if a != b)
             assert result.top2_gaps[first] < 1e-4, (request.key, first)
+
+
+def test_a_copy_of_the_architecture_reuses_the_drafter_calibration_and_another_measures_its_own(monkeypatch):
+    measured = []
+    original = Batch.relative_step_cost
+
+    def counting(self, extra, repeats=3):
+        measured.append(self.model)
+        return original(self, extra, repeats)
+
+    monkeypatch.setattr(Batch, "relative_step_cost", counting)
+    monkeypatch.setattr("trajalign.backends.hf._STEP_COSTS", {})
+    first, copy, deeper = lively_handle(), lively_handle(), tiny_handle(num_layers=3)
+    with torch.no_grad():  # the copy's weights differ, as a fine-tuned model's do
+        next(copy.model.parameters()).add_(0.01)
+    for handle in (first, copy, deeper):
+        requests = depth_sweep(handle, max_new_tokens=6)
+        results = {r.key: r for batch in HFBackend(handle, batch_size=16, stop_ids=[]).generate(requests)
+                   for r in batch}
+        for request in requests:
+            assert results[request.key].continuation_ids == reference_generate(handle, request.context, 6)
+    assert measured == [first.model, deeper.model]

@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Iterable, Iterator
-from weakref import WeakKeyDictionary
 
 import torch
 
@@ -22,7 +21,18 @@ from trajalign.backends.sampling import sample_token
 from trajalign.batching import batches, pad_right
 from trajalign.errors import InputError, TrajalignError
 
-_STEP_COSTS: WeakKeyDictionary = WeakKeyDictionary()  # model -> {batch shape: relative step cost}
+# (architecture, batch shape) -> relative step cost, measured once per process: every evaluation of a study builds
+# its own backend, a study evaluates several fine-tuned copies of one architecture, and a timing costs seven passes
+# over the whole batch.
+_STEP_COSTS: dict[tuple, float] = {}
+
+
+def _architecture(model) -> tuple:
+    """What a step's cost depends on: the model class and its parameters' shapes, dtype and device, not their
+    values (a fine-tuned copy costs what its original costs)."""
+    parameters = list(model.parameters())
+    return (type(model).__name__, parameters[0].dtype, str(parameters[0].device),
+            tuple(tuple(parameter.shape) for parameter in parameters))
 
 
 def _cached_length(request: GenerationRequest) -> int:
@@ -315,15 +325,13 @@ class HFBackend:
             yield [row.result() for row in finished]
 
     def _relative_step_cost(self, batch: Batch, extra: int) -> float:
-        """`Batch.relative_step_cost`, measured once per model and batch shape (rows, width to a power of two)
-        in this process: every evaluation of a study builds its own backend, and each timing costs seven passes
-        over the whole batch."""
+        """`Batch.relative_step_cost`, measured once per architecture and batch shape (rows, width to a power of
+        two) in this process (`_STEP_COSTS`)."""
         rows, width = batch.mask.shape
-        measured = _STEP_COSTS.setdefault(self.model, {})
-        shape = (rows, width.bit_length(), extra)
-        if shape not in measured:
-            measured[shape] = batch.relative_step_cost(extra)
-        return measured[shape]
+        key = (_architecture(self.model), rows, width.bit_length(), extra)
+        if key not in _STEP_COSTS:
+            _STEP_COSTS[key] = batch.relative_step_cost(extra)
+        return _STEP_COSTS[key]
 
     def _fits(self, batch: Batch, admitted: list[Row]) -> bool:
         """Whether the batch's KV cache, with these rows admitted, stays within `max_batch_tokens` columns over
