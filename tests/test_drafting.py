@@ -111,7 +111,8 @@ def test_any_drafter_leaves_greedy_output_unchanged():
     assert wrong.proposed > 0
 
 
-def test_draft_cost_is_measured_once_on_the_first_batch():
+def test_draft_cost_is_measured_once_on_the_first_batch(monkeypatch):
+    monkeypatch.setattr("trajalign.backends.hf._STEP_COSTS", {})  # nothing measured by earlier tests
     handle = lively_handle()
     backend = HFBackend(handle, stop_ids=[])
     assert backend.drafter.draft_cost is None

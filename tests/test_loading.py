@@ -13,7 +13,7 @@ from trajalign.testing import save_tiny_model
 def test_load_tiny_directory(tmp_path):
     save_tiny_model(tmp_path / "m")
     handle = load_model(str(tmp_path / "m"))
-    assert handle.chat.header_ids and handle.device.type == "cpu"
+    assert handle.chat.header_ids and handle.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert not handle.model.training
 
 

@@ -192,3 +192,21 @@ def test_two_process_ddp_over_gloo(tmp_path):
     rows = marker["rows"]
     assert marker["steps"] == -(-rows // 8)  # 2 processes x batch 4 per step
     assert Path(out / "model.safetensors").exists()
+
+
+def test_activation_checkpointing_is_off_under_the_name_the_installed_release_knows():
+    from dataclasses import dataclass
+
+    from trl import DPOConfig, SFTConfig
+
+    from trajalign.train.arguments import no_activation_checkpointing
+
+    @dataclass
+    class BeforeTheRename:  # transformers 5.17's TrainingArguments knew only this name
+        gradient_checkpointing: bool = True
+
+    assert no_activation_checkpointing(BeforeTheRename) == {"gradient_checkpointing": False}
+    for arguments_class in (SFTConfig, DPOConfig):
+        arguments = arguments_class(output_dir="unused", use_cpu=True, report_to=[],
+                                    **no_activation_checkpointing(arguments_class))
+        assert not getattr(arguments, "activation_checkpointing", arguments.gradient_checkpointing)

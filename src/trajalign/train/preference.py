@@ -10,6 +10,7 @@ import random
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from trajalign.train.arguments import no_activation_checkpointing
 from trajalign.train.recipes import MAX_OWN_TOKENS, RecipeConfig, RowBuilder
 
 PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -121,8 +122,8 @@ def train_preference(settings: PreferenceSettings, model, tokenizer, pairs: list
         gradient_accumulation_steps=max(1, batch_size // micro_batch), lr_scheduler_type="linear",
         warmup_steps=0, weight_decay=0.0, logging_steps=1, save_strategy="steps", save_steps=save_steps,
         save_total_limit=1, report_to=[], seed=seed, data_seed=seed, use_cpu=not on_gpu, bf16=bf16,
-        max_length=None, activation_checkpointing=False, dataloader_num_workers=0, disable_tqdm=not is_main,
-        ddp_find_unused_parameters=False,
+        max_length=None, dataloader_num_workers=0, disable_tqdm=not is_main, ddp_find_unused_parameters=False,
+        **no_activation_checkpointing(DPOConfig),
     )
     dataset = Dataset.from_list([pair.model_dump(include=set(PAIR_COLUMNS)) for pair in pairs])
     trainer = _trainer_class()(model=model, ref_model=reference, args=args, train_dataset=dataset,

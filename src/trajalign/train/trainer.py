@@ -22,6 +22,7 @@ from trajalign.requirements import require
 from trajalign.runs import write_config
 from trajalign.train.anchoring import anchoring_loss
 from trajalign.train.anchors import Anchor, build_anchors
+from trajalign.train.arguments import no_activation_checkpointing
 from trajalign.train.losses import ConstrainedSettings, constrained_loss, label_log_probs, trained_positions
 from trajalign.train.objectives import objective_for
 from trajalign.train.preference import PreferenceSettings, build_pairs, train_preference
@@ -362,7 +363,7 @@ def _fine_tune(config: TrainConfig, handle, rows: list[TrainingRow], out: Path, 
         dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False, max_length=None,
         dataloader_num_workers=0, disable_tqdm=True, ddp_find_unused_parameters=False,
         train_sampling_strategy="group_by_length" if objective.length_grouped_batches else "random",
-        activation_checkpointing=False,  # TRL turns it on; for small models recomputation only costs time
+        **no_activation_checkpointing(SFTConfig),
     )
     pad_id = handle.tokenizer.pad_token_id
     trainer = _trainer_class()(
