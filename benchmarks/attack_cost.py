@@ -24,7 +24,7 @@ from trajalign.evaluate import AblationConfig, EvalConfig, Evaluation
 from trajalign.models import load_model
 from trajalign.models.registry import DEFAULT_MODEL
 from trajalign.probe.direction import RefusalDirection, select_direction
-from trajalign.reproduce import CONTINUATION_TOKENS, GENERATION_BATCH_SIZE, PRESETS, split_behaviors
+from trajalign.reproduce import GENERATION_BATCH_SIZE, PRESETS, split_behaviors
 
 TIMINGS_FILE = "timing.json"
 
@@ -61,7 +61,7 @@ def main() -> None:
             if held_out.ablate else None
         config = EvalConfig(model=DEFAULT_MODEL, dataset=str(test_file), trajectories=held_out.trajectories,
                             trajectory_tokens=preset.trajectory_tokens, attack=held_out.attack, ablate=ablate,
-                            max_new_tokens=CONTINUATION_TOKENS, batch_size=GENERATION_BATCH_SIZE, out=out)
+                            max_new_tokens=preset.continuation_tokens, batch_size=GENERATION_BATCH_SIZE, out=out)
         timing_file = out / TIMINGS_FILE
         if not timing_file.exists():
             started = time.perf_counter(), time.process_time()

@@ -23,7 +23,7 @@ from trajalign.data.trajectories import load_trajectories
 from trajalign.evaluate import EvalConfig, Evaluation
 from trajalign.models import load_model
 from trajalign.models.registry import DEFAULT_MODEL
-from trajalign.reproduce import CONTINUATION_TOKENS, GENERATION_BATCH_SIZE, PRESETS, validation_sets
+from trajalign.reproduce import GENERATION_BATCH_SIZE, PRESETS, validation_sets
 from trajalign.runs import EpisodeLog
 from trajalign.stats import wilson_interval
 
@@ -47,7 +47,7 @@ def share(count: int, n: int) -> str:
 def evaluations(model: str, handle, bias: float, harmful, benign, trajectories, source: str, preset,
                 out: Path) -> dict:
     """Each evaluation with its behaviors written into its run directory, so that its config.yaml re-runs it."""
-    common = dict(model=model, trajectory_tokens=preset.trajectory_tokens, max_new_tokens=CONTINUATION_TOKENS,
+    common = dict(model=model, trajectory_tokens=preset.trajectory_tokens, max_new_tokens=preset.continuation_tokens,
                   batch_size=GENERATION_BATCH_SIZE, reset_logit_bias=bias)
 
     def evaluation(name: str, behaviors, depths: list[int], given: dict | None = None) -> Evaluation:

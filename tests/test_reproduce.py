@@ -59,9 +59,11 @@ def test_summary_markdown_reports_every_model_and_interval():
             "benign-prefill": [{**row, "position": "depth=5", "depth": 5}],
             "benign-insert": [{**row, "position": "after=8,len=10", "depth": None}],
             "xstest-safe": [row], "jbb-benign": [row]}
-    summary = {"preset": "quick", "results": {"original": rows, "shallow": rows}, "probes": {},
+    summary = {"preset": "quick", "continuation_tokens": 24, "results": {"original": rows, "shallow": rows},
+               "probes": {},
                "timings_s": {"trajectories": 3.0}, "total_s": 3.0}
     text = summary_markdown(summary)
+    assert "within 24 continuation tokens" in text
     assert "| original |" in text and "| shallow |" in text and "50% [20%, 80%]" in text
     assert "recover @5" in text and "false break @5" in text and "JailbreakBench benign refused" in text
 
@@ -283,6 +285,7 @@ def test_a_backtracking_models_resets_are_counted_per_evaluation_and_reported(tm
     run = Reproduction("smoke", tmp_path, preset=PRESETS["smoke"].model_copy(update={"training": training}))
     counts = run.reset_counts("backtracking")
     assert counts == {"held-out/random-insert": {"n": 5, "resets": 3}, "xstest-safe": {"n": 4, "resets": 1}}
-    text = summary_markdown({"preset": "smoke", "results": {}, "probes": {}, "resets": {"backtracking": counts},
+    text = summary_markdown({"preset": "smoke", "continuation_tokens": 12, "results": {}, "probes": {},
+                             "resets": {"backtracking": counts},
                              "timings_s": {}, "total_s": 0.0})
     assert "| xstest-safe | 25% [5%, 70%] (1/4) |" in text and "| held-out/random-insert | 60% " in text

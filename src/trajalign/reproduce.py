@@ -103,6 +103,8 @@ class Preset(BaseModel):
                           "model faces: quick (random insertion) or full (all of them)")
     utility_prompts: int = Field(default=200, description="Dolly open_qa evaluation questions whose human answers "
                                  "measure utility (beside the Self-Instruct user tasks' answers)")
+    continuation_tokens: int = Field(default=24, description="tokens generated after each prompt or perturbation: "
+                                     "what the judge reads")
 
 
 # The field's deep-alignment methods, trained on the same behaviors and anchors as the trajectory recipe.
@@ -141,7 +143,8 @@ PRESETS = {
                     training={"shallow": RoleTraining(epochs=1, benign_ratio=1.0),
                               "trajectory": RoleTraining(epochs=1, **trajectory_data(2, 2, benign_ratio=1.0))},
                     depths=[0, 5, 10], insert_after=4, insert_length=5, over_refusal_prompts=4,
-                    direction_prompts=4, layer_step=10, steering_prompts=4, utility_prompts=8),
+                    direction_prompts=4, layer_step=10, steering_prompts=4, utility_prompts=8,
+                    continuation_tokens=12),
     "quick": Preset(train_behaviors=48, test_behaviors=20, trajectory_tokens=40, anchors=48, anchor_tokens=24,
                     training={"shallow": RoleTraining(epochs=2, benign_ratio=1.0),
                               "trajectory": RoleTraining(epochs=2, **TRAJECTORY_DATA)},
@@ -166,7 +169,6 @@ PRESETS = {
                       utility_prompts=60, held_out="compare"),
 }
 RECIPE_OF_ROLE = {"shallow": "refusal-sft", "trajectory": "trajectory"}
-CONTINUATION_TOKENS = 24  # what the judge reads
 BENIGN_SFT_ROWS = 160  # the benign fine-tuning attack's training rows (the attack's default train_limit)
 # A decode step of 64 rows costs far less than four of 16 (benchmarks/step_cost.py), so trajectories and
 # evaluations, the sampled decoding sweep above all, run in wide batches.
@@ -315,7 +317,8 @@ class Reproduction:
             with self.stage(f"held-out attacks {role}") as progress:
                 held_out[role] = self.held_out(role, train, test, trajectories, progress)
         self._release()
-        summary = {"preset": self.preset_name, "results": results, "utility": utility, "probes": probes,
+        summary = {"preset": self.preset_name, "continuation_tokens": self.preset.continuation_tokens,
+                   "results": results, "utility": utility, "probes": probes,
                    "held_out": held_out, "attack_matrix": self.attack_matrix(),
                    "resets": {role: self.reset_counts(role) for role in self.roles[1:]
                               if self.recipe_of(role) == "backtracking"},
@@ -376,7 +379,7 @@ class Reproduction:
             run_rounds(config, attacks=RoundAttacks(depths=[depth for depth in self.preset.depths if depth > 0],
                                                     insert_after=self.preset.insert_after,
                                                     insert_length=self.preset.insert_length,
-                                                    continuation_tokens=CONTINUATION_TOKENS,
+                                                    continuation_tokens=self.preset.continuation_tokens,
                                                     batch_size=GENERATION_BATCH_SIZE), **inputs)
         else:
             run_training(config, progress=progress, **inputs)
@@ -401,7 +404,7 @@ class Reproduction:
         behaviors_file = write_behaviors(out / "behaviors.jsonl", behaviors)
         config = EvalConfig(model=self.model_spec(role), dataset=str(behaviors_file), trajectories=source,
                             trajectory_tokens=self.preset.trajectory_tokens, attack=attack,
-                            max_new_tokens=CONTINUATION_TOKENS, batch_size=GENERATION_BATCH_SIZE,
+                            max_new_tokens=self.preset.continuation_tokens, batch_size=GENERATION_BATCH_SIZE,
                             judges=judges or [JudgeConfig()], ablate=ablate, out=out)
         evaluation = Evaluation(config, handle=self._handle(role), trajectories=trajectories,
                                 judges=self._built(config.judges, role))
@@ -533,6 +536,7 @@ class Reproduction:
         direction = RefusalDirection.load(out / "direction")
         harmless = [b.prompt for b in load_behaviors("jbb-benign")[1::2][:self.preset.steering_prompts]]
         results["steering"] = steering_effect(handle, direction, [b.prompt for b in test], harmless,
+                                              new_tokens=self.preset.continuation_tokens,
                                               batch_size=GENERATION_BATCH_SIZE, progress=progress)
         (out / "probe.json").write_text(json.dumps(results, indent=2))
         return results
@@ -599,8 +603,8 @@ def _reset_lines(resets: dict[str, dict[str, dict[str, int]]]) -> list[str]:
 
 def summary_markdown(summary: dict) -> str:
     text = [f"# trajalign reproduce --preset {summary['preset']}", "",
-            "Keyword judge (a refusal beginning within 24 continuation tokens), Wilson 95% intervals; held-out "
-            "behaviors and prompts only.", "", *markdown(from_summary(summary)), "",
+            f"Keyword judge (a refusal beginning within {summary['continuation_tokens']} continuation tokens), "
+            "Wilson 95% intervals; held-out behaviors and prompts only.", "", *markdown(from_summary(summary)), "",
             *attack_lines(summary.get("attack_matrix", {})),
             "## Claim (b): do internal scores predict recovery at a fixed depth?", "",
             "Per model: the refusal direction's effect, then the mean within-depth AUROC of each score (depths "
