@@ -26,7 +26,8 @@ from trajalign.train.recipes import RecipeConfig
 from trajalign.train.trainer import TrainConfig, run_training
 
 DEVICE = os.environ.get("TRAJALIGN_TEST_DEVICE", "cuda")
-pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICE_TYPE = torch.device(DEVICE).type
+pytestmark = pytest.mark.skipif(DEVICE_TYPE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def on_device(handle):
@@ -39,7 +40,7 @@ def generated(handle, requests, **options) -> dict[str, list[int]]:
     return {result.key: result.continuation_ids for batch in backend.generate(requests) for result in batch}
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="device: auto picks CUDA, when there is one")
+@pytest.mark.skipif(DEVICE_TYPE != "cuda", reason="device: auto picks CUDA, when there is one")
 def test_auto_picks_the_gpu(tmp_path):
     save_tiny_model(tmp_path / "model")
     assert load_model(str(tmp_path / "model")).device.type == "cuda"
@@ -87,7 +88,7 @@ def test_training_on_cuda_lowers_the_loss_and_saves_a_model_that_loads(tmp_path,
                          learning_rate=1e-2 if lora is None else 1e-1, lora=lora, freeze_embeddings=False,
                          batch_size=8, micro_batch_size=8, save_steps=10_000, out=tmp_path / "trained")
     handle = config.load_model()
-    assert handle.device.type == DEVICE
+    assert handle.device.type == DEVICE_TYPE
     run_training(config, handle=handle, harmful=load_behaviors("advbench", limit=32))
     losses = [entry["loss"] for entry in json.loads((config.out / "training_log.json").read_text())
               if "loss" in entry]

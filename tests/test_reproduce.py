@@ -60,8 +60,7 @@ def test_summary_markdown_reports_every_model_and_interval():
             "benign-insert": [{**row, "position": "after=8,len=10", "depth": None}],
             "xstest-safe": [row], "jbb-benign": [row]}
     summary = {"preset": "quick", "continuation_tokens": 24, "results": {"original": rows, "shallow": rows},
-               "probes": {},
-               "timings_s": {"trajectories": 3.0}, "total_s": 3.0}
+               "probes": {}, "timings_s": {"trajectories": 3.0}, "total_s": 3.0}
     text = summary_markdown(summary)
     assert "within 24 continuation tokens" in text
     assert "| original |" in text and "| shallow |" in text and "50% [20%, 80%]" in text

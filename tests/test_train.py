@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -207,6 +208,8 @@ def test_activation_checkpointing_is_off_under_the_name_the_installed_release_kn
 
     assert no_activation_checkpointing(BeforeTheRename) == {"gradient_checkpointing": False}
     for arguments_class in (SFTConfig, DPOConfig):
-        arguments = arguments_class(output_dir="unused", use_cpu=True, report_to=[],
-                                    **no_activation_checkpointing(arguments_class))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)  # the deprecated alias warns where the new name exists
+            arguments = arguments_class(output_dir="unused", use_cpu=True, report_to=[],
+                                        **no_activation_checkpointing(arguments_class))
         assert not getattr(arguments, "activation_checkpointing", arguments.gradient_checkpointing)

@@ -103,8 +103,8 @@ class Preset(BaseModel):
                           "model faces: quick (random insertion) or full (all of them)")
     utility_prompts: int = Field(default=200, description="Dolly open_qa evaluation questions whose human answers "
                                  "measure utility (beside the Self-Instruct user tasks' answers)")
-    continuation_tokens: int = Field(default=24, description="tokens generated after each prompt or perturbation: "
-                                     "what the judge reads")
+    continuation_tokens: int = Field(default=24, gt=0, description="tokens generated after each prompt or "
+                                     "perturbation: what the judge reads (its window)")
 
 
 # The field's deep-alignment methods, trained on the same behaviors and anchors as the trajectory recipe.
@@ -404,7 +404,8 @@ class Reproduction:
         behaviors_file = write_behaviors(out / "behaviors.jsonl", behaviors)
         config = EvalConfig(model=self.model_spec(role), dataset=str(behaviors_file), trajectories=source,
                             trajectory_tokens=self.preset.trajectory_tokens, attack=attack,
-                            max_new_tokens=self.preset.continuation_tokens, batch_size=GENERATION_BATCH_SIZE,
+                            max_new_tokens=self.preset.continuation_tokens,
+                            judge_window=self.preset.continuation_tokens, batch_size=GENERATION_BATCH_SIZE,
                             judges=judges or [JudgeConfig()], ablate=ablate, out=out)
         evaluation = Evaluation(config, handle=self._handle(role), trajectories=trajectories,
                                 judges=self._built(config.judges, role))
