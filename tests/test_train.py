@@ -213,3 +213,21 @@ def test_activation_checkpointing_is_off_under_the_name_the_installed_release_kn
             arguments = arguments_class(output_dir="unused", use_cpu=True, report_to=[],
                                         **no_activation_checkpointing(arguments_class))
         assert not getattr(arguments, "activation_checkpointing", arguments.gradient_checkpointing)
+
+
+def test_checkpoints_are_written_every_save_steps_but_not_after_the_last_step(tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    saved_at = []
+    original = Trainer._save_checkpoint
+
+    def recording(self, model, trial):
+        saved_at.append(self.state.global_step)
+        return original(self, model, trial)
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", recording)
+    # 32 harmful rows in batches of 8: 4 steps; the one at step 2 is a resume point, one at step 4 would be waste
+    config = tiny_config(tmp_path, recipe=RecipeConfig(name="refusal-sft", benign_ratio=0.0), save_steps=2)
+    run_training(config, handle=tiny_handle())
+    assert json.loads((config.out / "trajalign-trained.json").read_text())["steps"] == 4
+    assert saved_at == [2] and (config.out / "model.safetensors").exists()

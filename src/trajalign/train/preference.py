@@ -11,6 +11,7 @@ import random
 from pydantic import BaseModel, ConfigDict, Field
 
 from trajalign.train.arguments import no_activation_checkpointing
+from trajalign.train.callbacks import no_final_checkpoint
 from trajalign.train.recipes import MAX_OWN_TOKENS, RecipeConfig, RowBuilder
 
 PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -127,6 +128,6 @@ def train_preference(settings: PreferenceSettings, model, tokenizer, pairs: list
     )
     dataset = Dataset.from_list([pair.model_dump(include=set(PAIR_COLUMNS)) for pair in pairs])
     trainer = _trainer_class()(model=model, ref_model=reference, args=args, train_dataset=dataset,
-                               processing_class=tokenizer, peft_config=lora_config)
+                               processing_class=tokenizer, peft_config=lora_config, callbacks=[no_final_checkpoint()])
     trainer.train(resume_from_checkpoint=resume_from)
     return trainer

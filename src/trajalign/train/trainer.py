@@ -23,6 +23,7 @@ from trajalign.runs import write_config
 from trajalign.train.anchoring import anchoring_loss
 from trajalign.train.anchors import Anchor, build_anchors
 from trajalign.train.arguments import no_activation_checkpointing
+from trajalign.train.callbacks import no_final_checkpoint
 from trajalign.train.losses import ConstrainedSettings, constrained_loss, label_log_probs, trained_positions
 from trajalign.train.objectives import objective_for
 from trajalign.train.preference import PreferenceSettings, build_pairs, train_preference
@@ -369,7 +370,7 @@ def _fine_tune(config: TrainConfig, handle, rows: list[TrainingRow], out: Path, 
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=dataset, processing_class=handle.tokenizer,
         data_collator=lambda batch: {**collate(batch, pad_id), **objective.batch_columns(batch)},
-        callbacks=objective.callbacks(out / "checkpoints") + _snapshots(config, handle, out),
+        callbacks=objective.callbacks(out / "checkpoints") + _snapshots(config, handle, out) + [no_final_checkpoint()],
         objective=objective, reference_model=reference,
         constrained=config.constrained, kl_weight=config.kl_weight,
     )
