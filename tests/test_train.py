@@ -200,7 +200,7 @@ def test_activation_checkpointing_is_off_under_the_name_the_installed_release_kn
 
     from trl import DPOConfig, SFTConfig
 
-    from trajalign.train.arguments import no_activation_checkpointing
+    from trajalign.train.hf_trainer import no_activation_checkpointing
 
     @dataclass
     class BeforeTheRename:  # transformers 5.17's TrainingArguments knew only this name

@@ -10,8 +10,7 @@ import random
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from trajalign.train.arguments import no_activation_checkpointing
-from trajalign.train.callbacks import no_final_checkpoint
+from trajalign.train.hf_trainer import no_activation_checkpointing, no_final_checkpoint
 from trajalign.train.recipes import MAX_OWN_TOKENS, RecipeConfig, RowBuilder
 
 PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")

@@ -22,8 +22,7 @@ from trajalign.requirements import require
 from trajalign.runs import write_config
 from trajalign.train.anchoring import anchoring_loss
 from trajalign.train.anchors import Anchor, build_anchors
-from trajalign.train.arguments import no_activation_checkpointing
-from trajalign.train.callbacks import no_final_checkpoint
+from trajalign.train.hf_trainer import no_activation_checkpointing, no_final_checkpoint
 from trajalign.train.losses import ConstrainedSettings, constrained_loss, label_log_probs, trained_positions
 from trajalign.train.objectives import objective_for
 from trajalign.train.preference import PreferenceSettings, build_pairs, train_preference
